@@ -1,0 +1,588 @@
+//! Host-side client for the guest agent.
+//!
+//! Two ways to reach an agent:
+//! - [`Target::HybridVsock`]: the VMM's Unix socket (Firecracker-compatible hybrid vsock).
+//!   The client connects, sends `CONNECT <port>\n`, expects `OK <host-port>\n`, and from
+//!   then on the Unix stream is the raw byte stream of a vsock connection to the guest.
+//! - [`Target::Unix`]: a plain Unix socket, for an agent started in host test mode
+//!   (`husk-agent --listen unix:///path`).
+//!
+//! The VMM's socket exists as soon as the VMM starts but the guest listens only after it
+//! has booted; until then the VMM answers a `CONNECT` by closing the stream.
+//! [`connect_with_retry`] keeps trying until a deadline.
+
+use std::fmt;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use ttrpc::context::{self, Context};
+
+use crate::AGENT_VSOCK_PORT;
+use crate::agent::{
+    CheckRequest, CheckResponse, DestroySandboxRequest, DestroySandboxResponse,
+    GetGuestDetailsRequest, GetGuestDetailsResponse,
+};
+use crate::agent_ttrpc::AgentServiceClient;
+
+/// Longest handshake reply accepted, newline included. `OK 4294967295\n` is 14 bytes;
+/// the slack tolerates a VMM that adds a few spaces, nothing more.
+pub const MAX_HANDSHAKE_LINE: usize = 32;
+
+/// Default timeout for one RPC made through [`AgentClient`].
+pub const DEFAULT_RPC_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Retry pauses: start short (the guest may be a few ms from listening), grow to a cap so a
+/// slow boot is not hammered with connections, each of which costs the guest work.
+const BACKOFF_START: Duration = Duration::from_millis(5);
+const BACKOFF_MAX: Duration = Duration::from_millis(100);
+
+/// Where the agent is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The VMM's hybrid-vsock Unix socket and the guest vsock port behind it.
+    HybridVsock { uds: PathBuf, port: u32 },
+    /// A Unix socket the agent listens on directly (host test mode).
+    Unix(PathBuf),
+}
+
+impl Target {
+    /// The agent's port behind a VMM's hybrid-vsock socket.
+    pub fn hybrid_vsock(uds: impl Into<PathBuf>) -> Self {
+        Target::HybridVsock {
+            uds: uds.into(),
+            port: AGENT_VSOCK_PORT,
+        }
+    }
+
+    /// An agent listening on a plain Unix socket (host test mode).
+    pub fn unix(path: impl Into<PathBuf>) -> Self {
+        Target::Unix(path.into())
+    }
+
+    /// The Unix socket path this target dials.
+    pub fn socket_path(&self) -> &Path {
+        match self {
+            Target::HybridVsock { uds, .. } => uds,
+            Target::Unix(path) => path,
+        }
+    }
+}
+
+impl fmt::Display for Target {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Target::HybridVsock { uds, port } => {
+                write!(f, "hvsock://{}:{port}", uds.display())
+            }
+            Target::Unix(path) => write!(f, "unix://{}", path.display()),
+        }
+    }
+}
+
+/// Parses `unix://PATH` or `hvsock://PATH[:PORT]` (port defaults to
+/// [`AGENT_VSOCK_PORT`]; a trailing `:<digits>` is always taken as the port).
+impl FromStr for Target {
+    type Err = ClientError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let invalid = |why: &str| ClientError::InvalidTarget {
+            target: s.to_owned(),
+            why: why.to_owned(),
+        };
+        if let Some(path) = s.strip_prefix("unix://") {
+            if path.is_empty() {
+                return Err(invalid("empty socket path"));
+            }
+            return Ok(Target::unix(path));
+        }
+        if let Some(rest) = s.strip_prefix("hvsock://") {
+            let (path, port) = match rest.rsplit_once(':') {
+                Some((path, port))
+                    if !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) =>
+                {
+                    let port = port
+                        .parse::<u32>()
+                        .map_err(|_| invalid("vsock port out of range"))?;
+                    (path, port)
+                }
+                _ => (rest, AGENT_VSOCK_PORT),
+            };
+            if path.is_empty() {
+                return Err(invalid("empty socket path"));
+            }
+            return Ok(Target::HybridVsock {
+                uds: path.into(),
+                port,
+            });
+        }
+        Err(invalid("expected unix://PATH or hvsock://PATH[:PORT]"))
+    }
+}
+
+/// Why the hybrid-vsock `CONNECT` handshake failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandshakeError {
+    #[error("I/O error during handshake: {0}")]
+    Io(#[source] io::Error),
+    /// The VMM closed the stream; it does so while nothing listens on the guest port yet.
+    #[error("connection closed before a complete reply (received {received:?})")]
+    Eof { received: String },
+    #[error("unexpected reply {received:?}, expected \"OK <host-port>\"")]
+    Unexpected { received: String },
+    #[error("reply longer than {max} bytes without a newline (received {received:?})")]
+    TooLong { received: String, max: usize },
+}
+
+/// Errors of the agent client.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid agent target {target:?}: {why}")]
+    InvalidTarget { target: String, why: String },
+    #[error("connecting to {target}: {source}")]
+    Connect {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("hybrid vsock handshake with {target} (CONNECT {port}): {source}")]
+    Handshake {
+        target: String,
+        port: u32,
+        #[source]
+        source: HandshakeError,
+    },
+    #[error(
+        "gave up connecting to the agent at {target} after {waited:?} ({attempts} attempts); last error: {last}"
+    )]
+    Timeout {
+        target: String,
+        waited: Duration,
+        attempts: u32,
+        last: Box<ClientError>,
+    },
+    #[error("{method} on agent {target}: {source}")]
+    Rpc {
+        method: &'static str,
+        target: String,
+        #[source]
+        source: ttrpc::Error,
+    },
+}
+
+/// Runs the hybrid-vsock handshake on a connected stream to a VMM socket and returns the
+/// host-side port the VMM assigned. Reads byte by byte so that nothing after the reply's
+/// newline (guest data) is consumed.
+pub async fn hybrid_vsock_handshake(
+    stream: &mut UnixStream,
+    port: u32,
+) -> Result<u32, HandshakeError> {
+    let request = format!("CONNECT {port}\n");
+    match stream.write_all(request.as_bytes()).await {
+        Ok(()) => {}
+        // The VMM may close an unanswerable connection before our request is out.
+        Err(e) if is_closed(&e) => {
+            return Err(HandshakeError::Eof {
+                received: String::new(),
+            });
+        }
+        Err(e) => return Err(HandshakeError::Io(e)),
+    }
+
+    let mut line = Vec::with_capacity(MAX_HANDSHAKE_LINE);
+    let lossy = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    loop {
+        if line.len() >= MAX_HANDSHAKE_LINE {
+            return Err(HandshakeError::TooLong {
+                received: lossy(&line),
+                max: MAX_HANDSHAKE_LINE,
+            });
+        }
+        let mut byte = [0u8; 1];
+        let n = match stream.read(&mut byte).await {
+            Ok(n) => n,
+            // A reset is how some VMMs refuse; report it as what it is, an early close.
+            Err(e) if is_closed(&e) => 0,
+            Err(e) => return Err(HandshakeError::Io(e)),
+        };
+        if n == 0 {
+            return Err(HandshakeError::Eof {
+                received: lossy(&line),
+            });
+        }
+        if byte[0] == b'\n' {
+            break;
+        }
+        line.push(byte[0]);
+    }
+    parse_ok_line(&line).ok_or_else(|| HandshakeError::Unexpected {
+        received: lossy(&line),
+    })
+}
+
+fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// `OK <u32>` (the newline already stripped), nothing else.
+fn parse_ok_line(line: &[u8]) -> Option<u32> {
+    let text = std::str::from_utf8(line).ok()?;
+    let port = text.strip_prefix("OK ")?.trim();
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    port.parse().ok()
+}
+
+/// Opens a byte stream to the agent: a Unix connect, plus the handshake for hybrid vsock.
+pub async fn connect_stream(target: &Target) -> Result<UnixStream, ClientError> {
+    let mut stream = UnixStream::connect(target.socket_path())
+        .await
+        .map_err(|source| ClientError::Connect {
+            target: target.to_string(),
+            source,
+        })?;
+    if let Target::HybridVsock { port, .. } = target {
+        hybrid_vsock_handshake(&mut stream, *port)
+            .await
+            .map_err(|source| ClientError::Handshake {
+                target: target.to_string(),
+                port: *port,
+                source,
+            })?;
+    }
+    Ok(stream)
+}
+
+/// Connects once (no retry). Must run inside a tokio runtime: the ttrpc client spawns
+/// its connection task.
+pub async fn connect(target: &Target) -> Result<AgentClient, ClientError> {
+    let stream = connect_stream(target).await?;
+    let socket = ttrpc::r#async::transport::Socket::new(stream);
+    let client = ttrpc::r#async::Client::new(socket);
+    Ok(AgentClient {
+        inner: AgentServiceClient::new(client),
+        target: target.clone(),
+        rpc_timeout: DEFAULT_RPC_TIMEOUT,
+    })
+}
+
+/// Connects, retrying any failure with a short backoff until `deadline`, e.g. while the
+/// VM boots. On timeout the error names the target and the last failure.
+pub async fn connect_with_retry(
+    target: &Target,
+    deadline: Instant,
+) -> Result<AgentClient, ClientError> {
+    let start = Instant::now();
+    let mut backoff = BACKOFF_START;
+    let mut attempts = 0u32;
+    loop {
+        attempts += 1;
+        let remaining = deadline.saturating_duration_since(Instant::now());
+        // Bound each attempt too: a VMM may hold the CONNECT open while the guest is slow.
+        let last = match tokio::time::timeout(remaining, connect(target)).await {
+            Ok(Ok(client)) => return Ok(client),
+            Ok(Err(e)) => e,
+            Err(_) => ClientError::Connect {
+                target: target.to_string(),
+                source: io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "no handshake reply before the deadline",
+                ),
+            },
+        };
+        let now = Instant::now();
+        if now >= deadline {
+            return Err(ClientError::Timeout {
+                target: target.to_string(),
+                waited: now.duration_since(start),
+                attempts,
+                last: Box::new(last),
+            });
+        }
+        tracing::trace!(%target, attempts, error = %last, "agent not reachable yet");
+        tokio::time::sleep(backoff.min(deadline - now)).await;
+        backoff = (backoff * 2).min(BACKOFF_MAX);
+    }
+}
+
+/// A connected agent client. Typed wrappers map failures to [`ClientError::Rpc`] naming
+/// the method and the target; [`AgentClient::raw`] gives the generated client for calls
+/// that have no wrapper yet.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: AgentServiceClient,
+    target: Target,
+    rpc_timeout: Duration,
+}
+
+impl fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("target", &self.target)
+            .field("rpc_timeout", &self.rpc_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentClient {
+    /// The target this client was connected to.
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The generated ttrpc client.
+    pub fn raw(&self) -> &AgentServiceClient {
+        &self.inner
+    }
+
+    /// Sets the timeout applied to each RPC made through the typed wrappers.
+    pub fn with_rpc_timeout(mut self, timeout: Duration) -> Self {
+        self.rpc_timeout = timeout;
+        self
+    }
+
+    fn ctx(&self) -> Context {
+        context::with_duration(self.rpc_timeout)
+    }
+
+    fn rpc_error(&self, method: &'static str) -> impl FnOnce(ttrpc::Error) -> ClientError + '_ {
+        move |source| ClientError::Rpc {
+            method,
+            target: self.target.to_string(),
+            source,
+        }
+    }
+
+    /// `Check`: health and agent version.
+    pub async fn check(&self) -> Result<CheckResponse, ClientError> {
+        self.inner
+            .check(self.ctx(), &CheckRequest::new())
+            .await
+            .map_err(self.rpc_error("Check"))
+    }
+
+    /// `GetGuestDetails`: kernel, memory, CPUs, boot id, uptime.
+    pub async fn get_guest_details(&self) -> Result<GetGuestDetailsResponse, ClientError> {
+        self.inner
+            .get_guest_details(self.ctx(), &GetGuestDetailsRequest::new())
+            .await
+            .map_err(self.rpc_error("GetGuestDetails"))
+    }
+
+    /// `DestroySandbox`: the agent replies, then powers the VM off.
+    pub async fn destroy_sandbox(&self) -> Result<DestroySandboxResponse, ClientError> {
+        self.inner
+            .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())
+            .await
+            .map_err(self.rpc_error("DestroySandbox"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::unix::net::UnixListener;
+    use std::thread::JoinHandle;
+
+    /// A fake VMM socket: for each entry of `replies`, accept one connection, check the
+    /// CONNECT line, write the reply and close (a `None` reply closes without writing).
+    fn fake_vmm(path: &Path, replies: Vec<Option<Vec<u8>>>) -> JoinHandle<Vec<String>> {
+        let listener = UnixListener::bind(path).expect("bind fake VMM socket");
+        std::thread::spawn(move || {
+            let mut requests = Vec::new();
+            for reply in replies {
+                let (stream, _) = listener.accept().expect("accept");
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                reader.read_line(&mut line).expect("read CONNECT line");
+                requests.push(line);
+                let mut stream = reader.into_inner();
+                if let Some(reply) = reply {
+                    // The client may hang up first on an over-long reply; that is fine.
+                    let _ = stream.write_all(&reply);
+                }
+            }
+            requests
+        })
+    }
+
+    async fn handshake_with(reply: &[u8]) -> (Result<u32, HandshakeError>, Vec<String>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vmm.sock");
+        let server = fake_vmm(&path, vec![Some(reply.to_vec())]);
+        let mut stream = UnixStream::connect(&path).await.expect("connect");
+        let result = hybrid_vsock_handshake(&mut stream, 1024).await;
+        drop(stream);
+        let requests = server.join().expect("fake VMM thread");
+        (result, requests)
+    }
+
+    #[tokio::test]
+    async fn handshake_accepts_ok_reply() {
+        let (result, requests) = handshake_with(b"OK 1073741824\n").await;
+        assert_eq!(requests, vec!["CONNECT 1024\n".to_owned()]);
+        assert_eq!(result.expect("OK accepted"), 1_073_741_824);
+    }
+
+    #[tokio::test]
+    async fn handshake_rejects_garbage() {
+        let (result, _) = handshake_with(b"HELLO there\n").await;
+        let err = result.expect_err("garbage rejected");
+        assert!(matches!(err, HandshakeError::Unexpected { .. }), "{err:?}");
+        assert!(err.to_string().contains("HELLO there"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn handshake_rejects_err_reply() {
+        let (result, _) = handshake_with(b"ERR no listener\n").await;
+        let err = result.expect_err("ERR rejected");
+        assert!(matches!(err, HandshakeError::Unexpected { .. }), "{err:?}");
+        assert!(err.to_string().contains("ERR no listener"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn handshake_rejects_ok_without_number() {
+        let (result, _) = handshake_with(b"OK abc\n").await;
+        let err = result.expect_err("non-numeric port rejected");
+        assert!(err.to_string().contains("OK abc"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn handshake_rejects_eof() {
+        let (result, _) = handshake_with(b"OK 12").await;
+        let err = result.expect_err("EOF rejected");
+        assert!(matches!(err, HandshakeError::Eof { .. }), "{err:?}");
+        assert!(err.to_string().contains("\"OK 12\""), "{err}");
+
+        let (result, _) = handshake_with(b"").await;
+        let err = result.expect_err("immediate close rejected");
+        assert!(matches!(err, HandshakeError::Eof { .. }), "{err:?}");
+        assert!(err.to_string().contains("received \"\""), "{err}");
+    }
+
+    #[tokio::test]
+    async fn handshake_rejects_overlong_line() {
+        let reply = vec![b'A'; 200];
+        let (result, _) = handshake_with(&reply).await;
+        let err = result.expect_err("over-long reply rejected");
+        assert!(matches!(err, HandshakeError::TooLong { .. }), "{err:?}");
+        assert!(
+            err.to_string().contains(&"A".repeat(MAX_HANDSHAKE_LINE)),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn handshake_leaves_guest_bytes_unread() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vmm.sock");
+        let server = fake_vmm(&path, vec![Some(b"OK 7\nguest-bytes".to_vec())]);
+        let mut stream = UnixStream::connect(&path).await.expect("connect");
+        assert_eq!(
+            hybrid_vsock_handshake(&mut stream, 1024).await.expect("OK"),
+            7
+        );
+        let mut rest = String::new();
+        stream.read_to_string(&mut rest).await.expect("read rest");
+        assert_eq!(rest, "guest-bytes");
+        server.join().expect("fake VMM thread");
+    }
+
+    #[tokio::test]
+    async fn retry_gives_up_at_deadline_naming_target() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let target = Target::hybrid_vsock(dir.path().join("missing.sock"));
+        let start = Instant::now();
+        let err = connect_with_retry(&target, start + Duration::from_millis(300))
+            .await
+            .expect_err("nothing listens");
+        let elapsed = start.elapsed();
+        assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+        assert!(elapsed < Duration::from_secs(2), "{elapsed:?}");
+        let msg = err.to_string();
+        assert!(msg.contains(&target.to_string()), "{msg}");
+        assert!(msg.contains("missing.sock"), "{msg}");
+        match err {
+            ClientError::Timeout { attempts, last, .. } => {
+                assert!(attempts > 1, "retried only {attempts} times");
+                assert!(matches!(*last, ClientError::Connect { .. }), "{last:?}");
+            }
+            other => panic!("expected Timeout, got {other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn retry_reports_last_handshake_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vmm.sock");
+        // A VMM whose guest never listens: every CONNECT is closed unanswered.
+        let listener = UnixListener::bind(&path).expect("bind");
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                drop(stream);
+            }
+        });
+        let target = Target::hybrid_vsock(&path);
+        let err = connect_with_retry(&target, Instant::now() + Duration::from_millis(200))
+            .await
+            .expect_err("guest never listens");
+        let msg = err.to_string();
+        assert!(msg.contains("CONNECT 1024"), "{msg}");
+        assert!(msg.contains("closed before a complete reply"), "{msg}");
+    }
+
+    #[tokio::test]
+    async fn retry_succeeds_once_guest_listens() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vmm.sock");
+        // Two refusals (guest still booting), then an accepted connection.
+        let server = fake_vmm(&path, vec![None, None, Some(b"OK 1073741825\n".to_vec())]);
+        let target = Target::hybrid_vsock(&path);
+        let client = connect_with_retry(&target, Instant::now() + Duration::from_secs(5))
+            .await
+            .expect("third attempt succeeds");
+        assert_eq!(client.target(), &target);
+        let requests = server.join().expect("fake VMM thread");
+        assert_eq!(requests.len(), 3);
+        assert!(
+            requests.iter().all(|r| r == "CONNECT 1024\n"),
+            "{requests:?}"
+        );
+    }
+
+    #[test]
+    fn target_parsing() {
+        assert_eq!(
+            "unix:///run/a.sock".parse::<Target>().expect("unix"),
+            Target::unix("/run/a.sock")
+        );
+        assert_eq!(
+            "hvsock:///run/v.sock".parse::<Target>().expect("hvsock"),
+            Target::hybrid_vsock("/run/v.sock")
+        );
+        assert_eq!(
+            "hvsock:///run/v.sock:2000"
+                .parse::<Target>()
+                .expect("hvsock port"),
+            Target::HybridVsock {
+                uds: "/run/v.sock".into(),
+                port: 2000
+            }
+        );
+        for bad in ["unix://", "hvsock://", "tcp://x", "hvsock:///a:99999999999"] {
+            assert!(bad.parse::<Target>().is_err(), "{bad} accepted");
+        }
+        assert_eq!(
+            Target::hybrid_vsock("/v.sock").to_string(),
+            "hvsock:///v.sock:1024"
+        );
+    }
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Installs what husk needs on a Debian 12 host. Idempotent: packages already present are skipped
+# without touching the network.
+#
+#   scripts/install-deps.sh          build + test dependencies
+#   scripts/install-deps.sh --bench  also the peer baseline used by benchmarks (QEMU)
+set -euo pipefail
+
+packages=(
+  # guest kernel build (guest-image/build.sh)
+  linux-source-6.1 build-essential flex bison bc libelf-dev cpio xz-utils
+  # guest rootfs for tests and the demo
+  busybox-static e2fsprogs
+)
+if [[ "${1:-}" == "--bench" ]]; then
+  packages+=(qemu-system-x86)
+fi
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  echo "install-deps: installing ${missing[*]}" >&2
+  if [[ $(id -u) -ne 0 ]]; then sudo=sudo; else sudo=; fi
+  $sudo apt-get update -q >&2
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -q --no-install-recommends "${missing[@]}" >&2
+fi
+
+if ! command -v cargo >/dev/null; then
+  echo "install-deps: cargo not found: install a stable Rust toolchain (rustup) first" >&2
+  exit 1
+fi
+if [[ ! -e /dev/kvm ]]; then
+  echo "install-deps: warning: /dev/kvm is missing; VMs cannot boot on this host (VM tests will skip)" >&2
+fi

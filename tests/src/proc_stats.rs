@@ -1,0 +1,108 @@
+//! Resource figures of a running process, read from /proc.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Resident memory of `pid` in KiB, split into guest RAM (the VMM's memfd named
+/// `husk-guest-ram`, or any mapping whose name contains `guest_ram_marker`) and the rest.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rss {
+    pub total_kib: u64,
+    pub guest_ram_kib: u64,
+}
+
+impl Rss {
+    pub fn excluding_guest_ram_kib(&self) -> u64 {
+        self.total_kib - self.guest_ram_kib
+    }
+}
+
+/// Reads `/proc/<pid>/smaps` and splits its Rss.
+pub fn rss(pid: u32, guest_ram_marker: &str) -> Result<Rss> {
+    let path = Path::new("/proc").join(pid.to_string()).join("smaps");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(parse_smaps(&text, guest_ram_marker))
+}
+
+/// Splits the Rss lines of an smaps text by whether their mapping's name has the marker.
+pub fn parse_smaps(text: &str, guest_ram_marker: &str) -> Rss {
+    let mut rss = Rss {
+        total_kib: 0,
+        guest_ram_kib: 0,
+    };
+    let mut in_guest_ram = false;
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("Rss:") {
+            let kib: u64 = rest
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            rss.total_kib += kib;
+            if in_guest_ram {
+                rss.guest_ram_kib += kib;
+            }
+        } else if is_mapping_header(line) {
+            in_guest_ram = line.contains(guest_ram_marker);
+        }
+    }
+    rss
+}
+
+/// Mapping headers start with an address range `start-end`; field lines start with `Name:`.
+fn is_mapping_header(line: &str) -> bool {
+    line.split_whitespace()
+        .next()
+        .and_then(|f| f.split_once('-'))
+        .is_some_and(|(a, b)| {
+            !a.is_empty() && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
+        })
+}
+
+/// User and system CPU time of `pid` in microseconds (from /proc/<pid>/stat).
+pub fn cpu_time_us(pid: u32) -> Result<(u64, u64)> {
+    let path = Path::new("/proc").join(pid.to_string()).join("stat");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    // Fields after the parenthesised command name; utime and stime are the 14th and 15th.
+    let after = text.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    let ticks = |i: usize| -> u64 { fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0) };
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Ok((ticks(11) * 1_000_000 / hz, ticks(12) * 1_000_000 / hz))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn splits_guest_ram_from_the_rest() {
+        let smaps = "\
+55d0c0000000-55d0c0100000 r-xp 00000000 fd:00 123 /usr/bin/husk-vmm
+Size:               1024 kB
+Rss:                 700 kB
+7f0000000000-7f0008000000 rw-s 00000000 00:01 9 /memfd:husk-guest-ram (deleted)
+Size:             131072 kB
+Rss:               20480 kB
+7f0010000000-7f0010021000 rw-p 00000000 00:00 0
+Rss:                 132 kB
+VmFlags: rd wr mr mw me ac
+";
+        let r = parse_smaps(smaps, "husk-guest-ram");
+        assert_eq!(r.total_kib, 700 + 20480 + 132);
+        assert_eq!(r.guest_ram_kib, 20480);
+        assert_eq!(r.excluding_guest_ram_kib(), 832);
+    }
+
+    #[test]
+    fn reads_own_process() {
+        let r = rss(std::process::id(), "no-such-mapping").unwrap();
+        assert!(r.total_kib > 0);
+        assert_eq!(r.guest_ram_kib, 0);
+    }
+}

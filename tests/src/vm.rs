@@ -1,0 +1,194 @@
+//! A `husk-vmm` process booting a guest image, as the integration tests and benchmarks use it.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::{GuestImage, workspace};
+
+/// How to boot the VM.
+#[derive(Debug, Clone)]
+pub struct VmOptions {
+    pub memory_mib: u32,
+    pub vcpus: u8,
+    /// Extra guest kernel command-line arguments.
+    pub cmdline: String,
+    /// Keep the guest's serial console in a file (slow on nested-PVM hosts: ~100 µs per char).
+    pub console: bool,
+}
+
+impl Default for VmOptions {
+    fn default() -> Self {
+        Self {
+            memory_mib: 128,
+            vcpus: 1,
+            cmdline: String::new(),
+            console: false,
+        }
+    }
+}
+
+/// A running `husk-vmm`; killed and reaped on drop, its files removed with its temp dir.
+pub struct VmProcess {
+    child: Child,
+    started: Instant,
+    dir: tempfile::TempDir,
+    exit: Option<ExitStatus>,
+}
+
+impl VmProcess {
+    /// Starts `husk-vmm` on `image`. Returns as soon as the process runs; the guest boots on.
+    pub fn boot(image: &GuestImage, opts: &VmOptions) -> Result<Self> {
+        let vmm = workspace::binary("husk-vmm")?;
+        let dir = tempfile::Builder::new()
+            .prefix("husk-vm-")
+            .tempdir()
+            .context("creating the VM's temp dir")?;
+        let mut cmd = Command::new(&vmm);
+        cmd.arg("--kernel")
+            .arg(&image.kernel)
+            .arg("--initramfs")
+            .arg(&image.initramfs)
+            .arg("--memory-mib")
+            .arg(opts.memory_mib.to_string())
+            .arg("--vcpus")
+            .arg(opts.vcpus.to_string())
+            .arg("--vsock-uds")
+            .arg(dir.path().join("vsock.sock"))
+            .arg("--metrics-file")
+            .arg(dir.path().join("metrics.jsonl"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(
+                std::fs::File::create(dir.path().join("vmm.log"))
+                    .context("creating the VMM log file")?,
+            ));
+        if opts.console {
+            cmd.arg("--console")
+                .arg(format!("file:{}", dir.path().join("console.log").display()));
+        }
+        if !opts.cmdline.is_empty() {
+            cmd.arg("--cmdline").arg(&opts.cmdline);
+        }
+        let started = Instant::now();
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting {}", vmm.display()))?;
+        Ok(Self {
+            child,
+            started,
+            dir,
+            exit: None,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// When the process was spawned.
+    pub fn started(&self) -> Instant {
+        self.started
+    }
+
+    /// The hybrid-vsock Unix socket of the VM.
+    pub fn vsock_uds(&self) -> PathBuf {
+        self.dir.path().join("vsock.sock")
+    }
+
+    /// Connects to the guest agent, retrying while the guest boots.
+    pub async fn agent(&self, timeout: Duration) -> Result<husk_protocol::client::AgentClient> {
+        let target = husk_protocol::client::Target::HybridVsock {
+            uds: self.vsock_uds(),
+            port: husk_protocol::AGENT_VSOCK_PORT,
+        };
+        husk_protocol::client::connect_with_retry(&target, Instant::now() + timeout)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the agent of VM pid {}: {}",
+                    self.pid(),
+                    self.diagnostics()
+                )
+            })
+    }
+
+    /// Waits for the VMM to exit by itself.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().context("waiting for husk-vmm")? {
+                self.exit = Some(status);
+                return Ok(status);
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "husk-vmm (pid {}) still running after {timeout:?}: {}",
+                    self.pid(),
+                    self.diagnostics()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The JSON-lines events the VMM wrote to its metrics file.
+    pub fn metrics(&self) -> Result<Vec<Value>> {
+        let path = self.dir.path().join("metrics.jsonl");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| serde_json::from_str(l).with_context(|| format!("bad metrics line {l:?}")))
+            .collect()
+    }
+
+    /// The first metrics event named `name`.
+    pub fn metric(&self, name: &str) -> Result<Value> {
+        self.metrics()?
+            .into_iter()
+            .find(|e| e["event"] == name)
+            .with_context(|| format!("no {name:?} event in the VMM's metrics file"))
+    }
+
+    /// The VMM's stderr so far.
+    pub fn vmm_log(&self) -> String {
+        read_lossy(&self.dir.path().join("vmm.log"))
+    }
+
+    /// The guest console so far (empty unless booted with `console`).
+    pub fn console(&self) -> String {
+        read_lossy(&self.dir.path().join("console.log"))
+    }
+
+    /// What a failing test should print about this VM.
+    pub fn diagnostics(&self) -> String {
+        let tail = |s: String| {
+            let lines: Vec<&str> = s.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        format!(
+            "\n--- husk-vmm stderr (tail) ---\n{}\n--- guest console (tail) ---\n{}\n",
+            tail(self.vmm_log()),
+            tail(self.console())
+        )
+    }
+}
+
+fn read_lossy(path: &Path) -> String {
+    std::fs::read(path)
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+impl Drop for VmProcess {
+    fn drop(&mut self) {
+        if self.exit.is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

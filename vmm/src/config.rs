@@ -1,0 +1,503 @@
+//! Command line and JSON configuration of `husk-vmm`, validated into a [`VmConfig`].
+//!
+//! `--config FILE` reads a JSON object with the same fields as the flags (snake_case or
+//! kebab-case keys); any flag given on the command line overrides the file.
+
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::cpu_template::TemplateChoice;
+
+pub const DEFAULT_MEMORY_MIB: u64 = 128;
+pub const MIN_MEMORY_MIB: u64 = 64;
+/// Keeps the guest physical address space well inside what KVM and the layout handle.
+pub const MAX_MEMORY_MIB: u64 = 256 << 10;
+pub const MAX_VCPUS: u32 = 8;
+pub const DEFAULT_VSOCK_CID: u64 = 3;
+
+/// husk's virtual machine monitor: boots a Linux kernel directly on KVM.
+#[derive(Parser, Debug, Default, Clone)]
+#[command(name = "husk-vmm", version, about)]
+pub struct Cli {
+    /// JSON file with the same fields as these flags; flags override it.
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Kernel image: ELF vmlinux or bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs (uncompressed newc cpio), placed at the top of low RAM.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Extra kernel command-line arguments, appended after husk's own.
+    #[arg(long, value_name = "ARGS", allow_hyphen_values = true)]
+    pub cmdline: Option<String>,
+    /// Guest memory in MiB [default: 128; minimum 64; rounded up to 128 MiB on PVM hosts].
+    #[arg(long, value_name = "N")]
+    pub memory_mib: Option<u64>,
+    /// Number of vCPUs, 1 to 8 [default: 1].
+    #[arg(long, value_name = "N")]
+    pub vcpus: Option<u32>,
+    /// Host Unix socket of the virtio-vsock device (no vsock device without it).
+    #[arg(long, value_name = "PATH")]
+    pub vsock_uds: Option<PathBuf>,
+    /// Guest CID of the vsock device [default: 3].
+    #[arg(long, value_name = "N")]
+    pub vsock_cid: Option<u64>,
+    /// virtio-blk device: path=PATH[,ro=on|off][,serial=ID]. Repeatable.
+    #[arg(long = "block", value_name = "SPEC")]
+    pub block: Vec<String>,
+    /// virtio-rng device: on|off [default: on].
+    #[arg(long, value_name = "on|off")]
+    pub rng: Option<String>,
+    /// Guest console on COM1: off|stdout|file:PATH [default: off].
+    #[arg(long, value_name = "MODE")]
+    pub console: Option<String>,
+    /// CPU template: auto|pvm|none [default: auto].
+    #[arg(long, value_name = "NAME")]
+    pub cpu_template: Option<String>,
+    /// Append JSON-lines boot metrics to this file.
+    #[arg(long, value_name = "PATH")]
+    pub metrics_file: Option<PathBuf>,
+    /// Log filter for stderr (error, warn, info, debug, trace or a tracing directive)
+    /// [default: warn].
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+/// The JSON form of [`Cli`].
+#[derive(Deserialize, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    pub kernel: Option<PathBuf>,
+    pub initramfs: Option<PathBuf>,
+    pub cmdline: Option<String>,
+    #[serde(alias = "memory-mib")]
+    pub memory_mib: Option<u64>,
+    pub vcpus: Option<u32>,
+    #[serde(alias = "vsock-uds")]
+    pub vsock_uds: Option<PathBuf>,
+    #[serde(alias = "vsock-cid")]
+    pub vsock_cid: Option<u64>,
+    #[serde(default)]
+    pub block: Vec<String>,
+    pub rng: Option<Switch>,
+    pub console: Option<String>,
+    #[serde(alias = "cpu-template")]
+    pub cpu_template: Option<String>,
+    #[serde(alias = "metrics-file")]
+    pub metrics_file: Option<PathBuf>,
+    #[serde(alias = "log-level")]
+    pub log_level: Option<String>,
+}
+
+/// `rng` in JSON may be a boolean or "on"/"off".
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum Switch {
+    Bool(bool),
+    Text(String),
+}
+
+/// Where the guest console goes.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum Console {
+    #[default]
+    Off,
+    Stdout,
+    File(PathBuf),
+}
+
+impl FromStr for Console {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s {
+            "off" => Ok(Self::Off),
+            "stdout" => Ok(Self::Stdout),
+            _ => match s.strip_prefix("file:") {
+                Some(p) if !p.is_empty() => Ok(Self::File(PathBuf::from(p))),
+                _ => Err(ConfigError::Console(s.to_string())),
+            },
+        }
+    }
+}
+
+/// One `--block` device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockSpec {
+    pub path: PathBuf,
+    pub read_only: bool,
+    pub serial: Option<String>,
+}
+
+/// virtio-blk serials are at most 20 bytes (VIRTIO_BLK_ID_BYTES).
+const BLOCK_SERIAL_MAX: usize = 20;
+
+impl FromStr for BlockSpec {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Block {
+            spec: s.to_string(),
+            why: why.to_string(),
+        };
+        let (mut path, mut read_only, mut serial) = (None, false, None);
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("'{part}' is not key=value")))?;
+            match key {
+                "path" if !value.is_empty() => path = Some(PathBuf::from(value)),
+                "path" => return Err(bad("empty path")),
+                "ro" => {
+                    read_only = parse_switch(value)
+                        .ok_or_else(|| bad(&format!("ro={value}: expected on or off")))?
+                }
+                "serial" => {
+                    if value.len() > BLOCK_SERIAL_MAX || !value.is_ascii() {
+                        return Err(bad("serial must be at most 20 ASCII characters"));
+                    }
+                    serial = Some(value.to_string());
+                }
+                other => return Err(bad(&format!("unknown key '{other}'"))),
+            }
+        }
+        Ok(BlockSpec {
+            path: path.ok_or_else(|| bad("missing path="))?,
+            read_only,
+            serial,
+        })
+    }
+}
+
+fn parse_switch(s: &str) -> Option<bool> {
+    match s {
+        "on" | "true" | "yes" | "1" => Some(true),
+        "off" | "false" | "no" | "0" => Some(false),
+        _ => None,
+    }
+}
+
+/// The vsock device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VsockSpec {
+    pub cid: u64,
+    pub uds: PathBuf,
+}
+
+/// A validated VM configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VmConfig {
+    pub kernel: PathBuf,
+    pub initramfs: Option<PathBuf>,
+    pub extra_cmdline: String,
+    /// As requested; the CPU template may round it up.
+    pub memory_mib: u64,
+    pub vcpus: u8,
+    pub vsock: Option<VsockSpec>,
+    pub blocks: Vec<BlockSpec>,
+    pub rng: bool,
+    pub console: Console,
+    pub cpu_template: TemplateChoice,
+    pub metrics_file: Option<PathBuf>,
+    pub log_level: String,
+}
+
+/// A configuration problem, named so the user can fix it.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config file {path}: {source}")]
+    ReadFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing config file {path}: {source}")]
+    ParseFile {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("no kernel given (--kernel PATH)")]
+    NoKernel,
+    #[error("--memory-mib {0}: at least {MIN_MEMORY_MIB} MiB are needed")]
+    MemoryTooSmall(u64),
+    #[error("--memory-mib {0}: at most {MAX_MEMORY_MIB} MiB are supported")]
+    MemoryTooLarge(u64),
+    #[error("--vcpus {0}: must be between 1 and {MAX_VCPUS}")]
+    Vcpus(u32),
+    #[error("--vsock-cid {0}: guest CIDs 0-2 are reserved and CIDs must fit in 32 bits")]
+    VsockCid(u64),
+    #[error("--vsock-cid given without --vsock-uds")]
+    VsockCidWithoutUds,
+    #[error("--block {spec}: {why}")]
+    Block { spec: String, why: String },
+    #[error("--rng {0}: expected on or off")]
+    Rng(String),
+    #[error("--console {0}: expected off, stdout or file:PATH")]
+    Console(String),
+    #[error("--cpu-template: {0}")]
+    CpuTemplate(String),
+    #[error("--cmdline: {0}")]
+    Cmdline(String),
+}
+
+/// Reads and parses a JSON config file.
+pub fn read_file_config(path: &Path) -> Result<FileConfig, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::ReadFile {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse_file_config(&text).map_err(|source| ConfigError::ParseFile {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+pub fn parse_file_config(text: &str) -> Result<FileConfig, serde_json::Error> {
+    serde_json::from_str(text)
+}
+
+impl Cli {
+    /// Merges the JSON file (if any) under the flags and validates the result.
+    pub fn into_vm_config(self) -> Result<VmConfig, ConfigError> {
+        let file = match &self.config {
+            Some(p) => read_file_config(p)?,
+            None => FileConfig::default(),
+        };
+        merge(self, file)
+    }
+}
+
+/// Flags win over the file; then every value is checked.
+pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
+    let kernel = cli.kernel.or(file.kernel).ok_or(ConfigError::NoKernel)?;
+    let memory_mib = cli
+        .memory_mib
+        .or(file.memory_mib)
+        .unwrap_or(DEFAULT_MEMORY_MIB);
+    if memory_mib < MIN_MEMORY_MIB {
+        return Err(ConfigError::MemoryTooSmall(memory_mib));
+    }
+    if memory_mib > MAX_MEMORY_MIB {
+        return Err(ConfigError::MemoryTooLarge(memory_mib));
+    }
+    let vcpus = cli.vcpus.or(file.vcpus).unwrap_or(1);
+    if vcpus == 0 || vcpus > MAX_VCPUS {
+        return Err(ConfigError::Vcpus(vcpus));
+    }
+    let cid = cli.vsock_cid.or(file.vsock_cid);
+    let vsock = match (cli.vsock_uds.or(file.vsock_uds), cid) {
+        (Some(uds), cid) => {
+            let cid = cid.unwrap_or(DEFAULT_VSOCK_CID);
+            if cid < 3 || cid >= u64::from(u32::MAX) {
+                return Err(ConfigError::VsockCid(cid));
+            }
+            Some(VsockSpec { cid, uds })
+        }
+        (None, Some(_)) => return Err(ConfigError::VsockCidWithoutUds),
+        (None, None) => None,
+    };
+    let block_specs = if cli.block.is_empty() {
+        file.block
+    } else {
+        cli.block
+    };
+    let blocks = block_specs
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<BlockSpec>, _>>()?;
+    let rng = match (cli.rng, file.rng) {
+        (Some(s), _) | (None, Some(Switch::Text(s))) => {
+            parse_switch(&s).ok_or(ConfigError::Rng(s))?
+        }
+        (None, Some(Switch::Bool(b))) => b,
+        (None, None) => true,
+    };
+    let console = match cli.console.or(file.console) {
+        Some(s) => s.parse()?,
+        None => Console::Off,
+    };
+    let cpu_template = match cli.cpu_template.or(file.cpu_template) {
+        Some(s) => s.parse().map_err(ConfigError::CpuTemplate)?,
+        None => TemplateChoice::Auto,
+    };
+    let extra_cmdline = cli.cmdline.or(file.cmdline).unwrap_or_default();
+    if !extra_cmdline.is_ascii() || extra_cmdline.contains('\0') {
+        return Err(ConfigError::Cmdline(
+            "only printable ASCII is allowed".to_string(),
+        ));
+    }
+    Ok(VmConfig {
+        kernel,
+        initramfs: cli.initramfs.or(file.initramfs),
+        extra_cmdline: extra_cmdline.trim().to_string(),
+        memory_mib,
+        vcpus: vcpus as u8,
+        vsock,
+        blocks,
+        rng,
+        console,
+        cpu_template,
+        metrics_file: cli.metrics_file.or(file.metrics_file),
+        log_level: cli
+            .log_level
+            .or(file.log_level)
+            .unwrap_or_else(|| "warn".to_string()),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<VmConfig, ConfigError> {
+        let mut argv = vec!["husk-vmm"];
+        argv.extend_from_slice(args);
+        merge(Cli::try_parse_from(argv).unwrap(), FileConfig::default())
+    }
+
+    #[test]
+    fn defaults() {
+        let c = parse(&["--kernel", "/k"]).unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/k"));
+        assert_eq!((c.memory_mib, c.vcpus, c.rng), (128, 1, true));
+        assert_eq!(c.console, Console::Off);
+        assert_eq!(c.cpu_template, TemplateChoice::Auto);
+        assert_eq!(c.vsock, None);
+        assert_eq!(c.log_level, "warn");
+    }
+
+    #[test]
+    fn all_flags() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--initramfs",
+            "/i",
+            "--cmdline",
+            "-- init.arg=1",
+            "--memory-mib",
+            "512",
+            "--vcpus",
+            "2",
+            "--vsock-uds",
+            "/tmp/v.sock",
+            "--vsock-cid",
+            "42",
+            "--block",
+            "path=/a.img,ro=on,serial=root",
+            "--block",
+            "path=/b.img",
+            "--rng",
+            "off",
+            "--console",
+            "file:/tmp/con",
+            "--cpu-template",
+            "none",
+            "--metrics-file",
+            "/m",
+            "--log-level",
+            "debug",
+        ])
+        .unwrap();
+        assert_eq!(c.extra_cmdline, "-- init.arg=1");
+        assert_eq!((c.memory_mib, c.vcpus, c.rng), (512, 2, false));
+        assert_eq!(
+            c.vsock,
+            Some(VsockSpec {
+                cid: 42,
+                uds: "/tmp/v.sock".into()
+            })
+        );
+        assert_eq!(
+            c.blocks,
+            vec![
+                BlockSpec {
+                    path: "/a.img".into(),
+                    read_only: true,
+                    serial: Some("root".into())
+                },
+                BlockSpec {
+                    path: "/b.img".into(),
+                    read_only: false,
+                    serial: None
+                },
+            ]
+        );
+        assert_eq!(c.console, Console::File("/tmp/con".into()));
+        assert_eq!(c.cpu_template, TemplateChoice::None);
+        assert_eq!(c.metrics_file, Some("/m".into()));
+    }
+
+    #[test]
+    fn bad_values_name_the_problem() {
+        let msg = |a: &[&str]| parse(a).unwrap_err().to_string();
+        assert_eq!(msg(&[]), "no kernel given (--kernel PATH)");
+        assert!(msg(&["--kernel", "k", "--memory-mib", "32"]).contains("at least 64 MiB"));
+        assert!(msg(&["--kernel", "k", "--vcpus", "0"]).contains("--vcpus 0"));
+        assert!(msg(&["--kernel", "k", "--vcpus", "9"]).contains("between 1 and 8"));
+        assert!(
+            msg(&["--kernel", "k", "--vsock-uds", "/s", "--vsock-cid", "2"]).contains("reserved")
+        );
+        assert!(msg(&["--kernel", "k", "--vsock-cid", "5"]).contains("without --vsock-uds"));
+        assert!(msg(&["--kernel", "k", "--block", "ro=on"]).contains("missing path="));
+        assert!(msg(&["--kernel", "k", "--block", "path=/x,ro=maybe"]).contains("ro=maybe"));
+        assert!(msg(&["--kernel", "k", "--block", "path=/x,foo=1"]).contains("unknown key 'foo'"));
+        assert!(msg(&["--kernel", "k", "--block", "/x"]).contains("not key=value"));
+        assert!(msg(&["--kernel", "k", "--rng", "maybe"]).contains("--rng maybe"));
+        assert!(msg(&["--kernel", "k", "--console", "tty"]).contains("--console tty"));
+        assert!(msg(&["--kernel", "k", "--console", "file:"]).contains("file:PATH"));
+        assert!(msg(&["--kernel", "k", "--cpu-template", "x"]).contains("unknown CPU template"));
+        assert!(msg(&["--kernel", "k", "--cmdline", "a\u{e9}"]).contains("ASCII"));
+        assert!(
+            msg(&[
+                "--kernel",
+                "k",
+                "--block",
+                "path=/x,serial=012345678901234567890"
+            ])
+            .contains("20 ASCII")
+        );
+    }
+
+    #[test]
+    fn json_file_is_overridden_by_flags() {
+        let file = parse_file_config(
+            r#"{"kernel": "/fk", "memory-mib": 256, "vcpus": 2, "rng": false,
+                "block": ["path=/f.img,ro=on"], "console": "stdout",
+                "vsock_uds": "/f.sock", "cmdline": "fromfile"}"#,
+        )
+        .unwrap();
+        let cli = Cli::try_parse_from(["husk-vmm", "--vcpus", "4", "--cmdline", "x=1"]).unwrap();
+        let c = merge(cli, file).unwrap();
+        assert_eq!(c.kernel, PathBuf::from("/fk"));
+        assert_eq!((c.memory_mib, c.vcpus, c.rng), (256, 4, false));
+        assert_eq!(c.extra_cmdline, "x=1");
+        assert_eq!(c.console, Console::Stdout);
+        assert_eq!(c.blocks.len(), 1);
+        assert_eq!(
+            c.vsock,
+            Some(VsockSpec {
+                cid: 3,
+                uds: "/f.sock".into()
+            })
+        );
+    }
+
+    #[test]
+    fn json_errors_are_reported() {
+        assert!(
+            parse_file_config(r#"{"kernal": "/k"}"#)
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field `kernal`")
+        );
+        assert!(parse_file_config(r#"{"vcpus": "two"}"#).is_err());
+        let err = read_file_config(Path::new("/nonexistent/husk.json")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/husk.json"));
+    }
+}

@@ -1,0 +1,81 @@
+//! virtio devices and the virtio-mmio transport that exposes them to the guest.
+//!
+//! Contract between the transport and a device:
+//! - The transport (`mmio`) owns the register file, feature negotiation, queue setup and
+//!   the interrupt status register. It is driven by the vCPU thread through `BusDevice`.
+//! - When the driver sets DRIVER_OK, the transport calls [`VirtioDevice::activate`] with the
+//!   ready queues, one `EventFd` per queue (written by the transport on QueueNotify) and an
+//!   [`Interrupt`]. The device then processes its queues on a worker thread of its own.
+//! - Everything in a queue is written by the guest and is hostile: devices bounds-check every
+//!   descriptor and turn malformed chains into a device error, never a panic.
+
+pub mod interrupt;
+pub mod mmio;
+
+pub mod block;
+pub mod rng;
+pub mod vsock;
+// Worker-thread plumbing shared by the devices above.
+mod worker;
+
+pub use interrupt::Interrupt;
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+/// Guest RAM as the devices see it.
+pub type GuestMemory = GuestMemoryMmap<()>;
+
+/// virtio device ids (virtio 1.2, section 5).
+pub mod device_type {
+    pub const NET: u32 = 1;
+    pub const BLOCK: u32 = 2;
+    pub const RNG: u32 = 4;
+    pub const VSOCK: u32 = 19;
+}
+
+/// Error raised by a device when it is activated.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    #[error("expected {expected} queues, the driver set up {got}")]
+    QueueCount { expected: usize, got: usize },
+    #[error("device worker could not start: {0}")]
+    Worker(#[source] std::io::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// A queue the driver made ready, with the eventfd the transport kicks on QueueNotify.
+pub struct ActiveQueue {
+    pub queue: Queue,
+    pub notify: EventFd,
+}
+
+/// A virtio device behind a transport.
+pub trait VirtioDevice: Send {
+    /// virtio device id ([`device_type`]).
+    fn device_type(&self) -> u32;
+    /// Maximum size of each of the device's queues; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// Feature bits the device offers, VIRTIO_F_VERSION_1 included.
+    fn avail_features(&self) -> u64;
+    /// Records the features the driver accepted (a subset of `avail_features`).
+    fn set_acked_features(&mut self, acked: u64);
+    /// Reads the device-specific configuration space.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the device-specific configuration space (most devices ignore this).
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// Starts the device on the driver's queues.
+    fn activate(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<ActiveQueue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError>;
+    /// Stops the device's worker after a driver reset; returns false if the device cannot be
+    /// reset (the transport then marks it as needing a reset).
+    fn reset(&mut self) -> bool {
+        false
+    }
+}

@@ -1,0 +1,24 @@
+//! husk-vmm: a small virtual machine monitor that boots a Linux kernel directly (no
+//! firmware) on KVM, with a serial console, an i8042 for reboots, a boot-timer page and
+//! virtio-mmio devices (vsock, block, rng).
+//!
+//! Process exit status of `husk-vmm`:
+//!
+//! | status | meaning |
+//! |---|---|
+//! | 0 | the guest shut down or rebooted (i8042 reset with `reboot=k`, KVM system event) |
+//! | 1 | bad configuration or the VM could not be set up (message on stderr) |
+//! | 2 | the guest crashed: triple fault, KVM internal/emulation error, failed entry |
+//! | 128+N | stopped by signal N (SIGINT 130, SIGTERM 143) |
+
+pub mod arch;
+pub mod config;
+pub mod cpu_template;
+pub mod devices;
+pub mod host;
+pub mod loader;
+pub mod memory;
+pub mod metrics;
+pub mod stop;
+pub mod vcpu;
+pub mod vm;
