@@ -30,7 +30,7 @@ die() {
 case "$what" in
   all | kernel | initramfs) ;;
   -h | --help)
-    sed -n '2,16p' "$script_path" | sed 's/^# \{0,1\}//' >&2
+    sed -n '2,15p' "$script_path" | sed 's/^# \{0,1\}//' >&2
     exit 0
     ;;
   *) die "unknown target '$what' (expected all, kernel or initramfs)" ;;
@@ -64,8 +64,9 @@ prune_cache() {
   done
 }
 
-# One lock per artifact, so packing an initramfs never waits for a kernel compile. The lock
-# is held until the script exits; a concurrent invocation waits, then finds the cache entry.
+# One lock per artifact, taken only on a cache miss, so packing an initramfs never waits for
+# a kernel compile. Held until the script exits; a concurrent invocation waits, then finds
+# the cache entry.
 lock_for() {
   local name=$1 fd
   mkdir -p "$cache_root"
@@ -103,7 +104,7 @@ verify_kernel_config() {
         sym=${BASH_REMATCH[1]}
         if ! grep -qxF -- "$line" "$config"; then
           printf 'kernel config: %s sets %s but .config has: %s\n' "${frag##*/}" "$line" \
-            "$(grep -E "^(# )?$sym[= ]" "$config" || echo '(absent: unmet dependency)')" >&2
+            "$(grep -E "^(# )?${sym}[= ]" "$config" || echo '(absent: unmet dependency)')" >&2
           bad=1
         fi
       elif [[ $line =~ ^#\ (CONFIG_[A-Za-z0-9_]+)\ is\ not\ set$ ]]; then
@@ -154,6 +155,11 @@ build_kernel() {
   local key out
   key=$(kernel_key)
   out="$cache_root/kernel/$key"
+  # Entries appear atomically, so a hit needs no lock; after taking it, check again in
+  # case a concurrent run just built this key.
+  if [[ ! -f $out/vmlinux ]]; then
+    lock_for kernel
+  fi
   if [[ -f $out/vmlinux ]]; then
     log kernel "cached ($key)"
     kernel_path="$out/vmlinux"
@@ -239,6 +245,9 @@ build_initramfs() {
     sed -n '/^# --- initramfs part begin ---$/,/^# --- initramfs part end ---$/p' "$script_path"
   } | sha256sum | cut -c1-16)
   out="$cache_root/initramfs/$key"
+  if [[ ! -f $out/initramfs.cpio ]]; then
+    lock_for initramfs
+  fi
   if [[ -f $out/initramfs.cpio ]]; then
     log initramfs "cached ($key)"
     initramfs_path="$out/initramfs.cpio"
@@ -276,11 +285,9 @@ build_initramfs() {
 kernel_path=
 initramfs_path=
 if [[ $what == all || $what == kernel ]]; then
-  lock_for kernel
   build_kernel
 fi
 if [[ $what == all || $what == initramfs ]]; then
-  lock_for initramfs
   build_initramfs
 fi
 

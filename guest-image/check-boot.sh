@@ -38,8 +38,10 @@ done
 
 command -v qemu-system-x86_64 >/dev/null || { echo "check-boot.sh: needs qemu-system-x86" >&2; exit 1; }
 busybox=/bin/busybox
-[[ -x $busybox ]] && ! LC_ALL=C readelf -lW "$busybox" | grep -q 'program interpreter' ||
-  { echo "check-boot.sh: needs busybox-static (/bin/busybox, static)" >&2; exit 1; }
+if [[ ! -x $busybox ]] || LC_ALL=C readelf -lW "$busybox" | grep -q 'program interpreter'; then
+  echo "check-boot.sh: needs busybox-static (/bin/busybox, static)" >&2
+  exit 1
+fi
 
 if [[ -z $kernel ]]; then
   kernel=$("$guest_dir/build.sh" kernel | sed -n 's/^HUSK_KERNEL=//p')
