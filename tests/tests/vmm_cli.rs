@@ -81,11 +81,11 @@ fn missing_initramfs_and_block_image_are_named() {
     let k = image.kernel.to_string_lossy();
     let k = k.as_ref();
     assert_refused(
-        &["--kernel", &k, "--initramfs", "/nonexistent/initrd"],
+        &["--kernel", k, "--initramfs", "/nonexistent/initrd"],
         &["/nonexistent/initrd"],
     );
     assert_refused(
-        &["--kernel", &k, "--block", "path=/nonexistent/disk.img"],
+        &["--kernel", k, "--block", "path=/nonexistent/disk.img"],
         &["/nonexistent/disk.img"],
     );
 }
