@@ -75,7 +75,8 @@ fn qemu_boot(image: &GuestImage, qemu: &str) -> Result<Duration> {
             "microvm,x-option-roms=off,isa-serial=on,rtc=off",
             "-enable-kvm",
             "-cpu",
-            "host",
+            // QEMU aborts setting IA32_ARCH_CAPABILITIES on nested-PVM hosts.
+            "host,-arch-capabilities",
             "-smp",
             "1",
             "-m",
