@@ -42,7 +42,7 @@ fn husk_boot(image: &GuestImage, rt: &tokio::runtime::Runtime) -> Result<HuskBoo
     let agent_answer = vm.started().elapsed();
     // Let the guest settle so the VMM's memory is what an idle VM costs.
     std::thread::sleep(Duration::from_millis(200));
-    let rss = proc_stats::rss(vm.pid(), "husk-guest-ram")?;
+    let rss = proc_stats::rss(vm.pid(), &vm.guest_ram_ranges()?)?;
     rt.block_on(agent.destroy_sandbox())?;
     let status = vm.wait_exit(Duration::from_secs(60))?;
     if !status.success() {

@@ -4,8 +4,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 
-/// Resident memory of `pid` in KiB, split into guest RAM (the VMM's memfd named
-/// `husk-guest-ram`, or any mapping whose name contains `guest_ram_marker`) and the rest.
+/// Resident memory of a VMM process in KiB, split into guest RAM and the VMM's own memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Rss {
     pub total_kib: u64,
@@ -18,16 +17,18 @@ impl Rss {
     }
 }
 
-/// Reads `/proc/<pid>/smaps` and splits its Rss.
-pub fn rss(pid: u32, guest_ram_marker: &str) -> Result<Rss> {
+/// Reads `/proc/<pid>/smaps` and splits its Rss: mappings starting inside one of
+/// `guest_ram` (host address, length) — what the VMM reports in its `guest_ram` metrics
+/// event — are guest RAM.
+pub fn rss(pid: u32, guest_ram: &[(u64, u64)]) -> Result<Rss> {
     let path = Path::new("/proc").join(pid.to_string()).join("smaps");
     let text =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(parse_smaps(&text, guest_ram_marker))
+    Ok(parse_smaps(&text, guest_ram))
 }
 
-/// Splits the Rss lines of an smaps text by whether their mapping's name has the marker.
-pub fn parse_smaps(text: &str, guest_ram_marker: &str) -> Rss {
+/// Splits the Rss lines of an smaps text by whether their mapping lies in guest RAM.
+pub fn parse_smaps(text: &str, guest_ram: &[(u64, u64)]) -> Rss {
     let mut rss = Rss {
         total_kib: 0,
         guest_ram_kib: 0,
@@ -45,21 +46,23 @@ pub fn parse_smaps(text: &str, guest_ram_marker: &str) -> Rss {
             if in_guest_ram {
                 rss.guest_ram_kib += kib;
             }
-        } else if is_mapping_header(line) {
-            in_guest_ram = line.contains(guest_ram_marker);
+        } else if let Some(start) = mapping_start(line) {
+            in_guest_ram = guest_ram
+                .iter()
+                .any(|&(base, len)| start >= base && start < base.saturating_add(len));
         }
     }
     rss
 }
 
-/// Mapping headers start with an address range `start-end`; field lines start with `Name:`.
-fn is_mapping_header(line: &str) -> bool {
-    line.split_whitespace()
-        .next()
-        .and_then(|f| f.split_once('-'))
-        .is_some_and(|(a, b)| {
-            !a.is_empty() && a.chars().chain(b.chars()).all(|c| c.is_ascii_hexdigit())
-        })
+/// The start address of a mapping header line (`start-end perms ...`); field lines such as
+/// `Rss:` or `VmFlags:` give `None`.
+fn mapping_start(line: &str) -> Option<u64> {
+    let (a, b) = line.split_whitespace().next()?.split_once('-')?;
+    if b.is_empty() || !b.chars().all(|c| c.is_ascii_hexdigit()) {
+        return None;
+    }
+    u64::from_str_radix(a, 16).ok()
 }
 
 /// User and system CPU time of `pid` in microseconds (from /proc/<pid>/stat).
@@ -86,14 +89,14 @@ mod tests {
 55d0c0000000-55d0c0100000 r-xp 00000000 fd:00 123 /usr/bin/husk-vmm
 Size:               1024 kB
 Rss:                 700 kB
-7f0000000000-7f0008000000 rw-s 00000000 00:01 9 /memfd:husk-guest-ram (deleted)
+7f0000000000-7f0008000000 rw-p 00000000 00:00 0
 Size:             131072 kB
 Rss:               20480 kB
 7f0010000000-7f0010021000 rw-p 00000000 00:00 0
 Rss:                 132 kB
 VmFlags: rd wr mr mw me ac
 ";
-        let r = parse_smaps(smaps, "husk-guest-ram");
+        let r = parse_smaps(smaps, &[(0x7f00_0000_0000, 128 << 20)]);
         assert_eq!(r.total_kib, 700 + 20480 + 132);
         assert_eq!(r.guest_ram_kib, 20480);
         assert_eq!(r.excluding_guest_ram_kib(), 832);
@@ -101,7 +104,7 @@ VmFlags: rd wr mr mw me ac
 
     #[test]
     fn reads_own_process() {
-        let r = rss(std::process::id(), "no-such-mapping").unwrap();
+        let r = rss(std::process::id(), &[]).unwrap();
         assert!(r.total_kib > 0);
         assert_eq!(r.guest_ram_kib, 0);
     }

@@ -154,6 +154,22 @@ impl VmProcess {
             .with_context(|| format!("no {name:?} event in the VMM's metrics file"))
     }
 
+    /// Where guest RAM is mapped in the VMM (host address, length), from its metrics file.
+    pub fn guest_ram_ranges(&self) -> Result<Vec<(u64, u64)>> {
+        let event = self.metric("guest_ram")?;
+        event["host_ranges"]
+            .as_array()
+            .context("guest_ram event without host_ranges")?
+            .iter()
+            .map(|r| {
+                Ok((
+                    r[0].as_u64().context("guest_ram range start")?,
+                    r[1].as_u64().context("guest_ram range length")?,
+                ))
+            })
+            .collect()
+    }
+
     /// The VMM's stderr so far.
     pub fn vmm_log(&self) -> String {
         read_lossy(&self.dir.path().join("vmm.log"))

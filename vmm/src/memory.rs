@@ -1,13 +1,19 @@
-//! Guest RAM: one memfd named `husk-guest-ram`, mapped shared at each RAM range of the
-//! layout. A memfd (rather than anonymous memory) lets a vhost-user backend map the same
-//! pages later, and makes guest RAM easy to tell apart from the VMM's own memory in
-//! /proc/PID/smaps (`/memfd:husk-guest-ram`).
+//! Guest RAM, mapped at each RAM range of the layout, in one of two backings:
+//! - private anonymous memory with transparent huge pages (the default): measured on a nested
+//!   PVM host, the guest reaches its agent ~10 % sooner than on a memfd, because the host can
+//!   back guest RAM with 2 MiB pages (shmem gets none unless the host enables shmem THP);
+//! - a shared memfd, for when another process (a vhost-user backend such as virtiofsd) must map
+//!   the same pages.
+//!
+//! The mapping is named `husk-guest-ram` where the host allows (`/memfd:husk-guest-ram`, or
+//! `[anon:husk-guest-ram]` on hosts with CONFIG_ANON_VMA_NAME); the VMM also reports guest
+//! RAM's host addresses in its metrics file (`guest_ram`), which works everywhere.
 
 use std::ffi::CStr;
 use std::fs::File;
 use std::os::fd::FromRawFd;
 
-use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap};
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::arch::x86_64::layout;
 
@@ -50,7 +56,59 @@ fn create_memfd(size: u64) -> Result<File, MemoryError> {
 }
 
 /// Creates `size` bytes of memfd-backed guest RAM laid out around the MMIO gap.
-pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+/// How guest RAM is backed on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RamBacking {
+    /// Private anonymous memory, transparent huge pages requested.
+    Anonymous,
+    /// A shared memfd that other processes can map.
+    SharedMemfd,
+}
+
+/// Creates guest RAM of `size` bytes laid out around the MMIO gap.
+pub fn create_guest_memory(size: u64, backing: RamBacking) -> Result<GuestMemory, MemoryError> {
+    match backing {
+        RamBacking::Anonymous => create_anonymous(size),
+        RamBacking::SharedMemfd => create_shared_memfd(size),
+    }
+}
+
+fn create_anonymous(size: u64) -> Result<GuestMemory, MemoryError> {
+    let ranges: Vec<(GuestAddress, usize)> = layout::ram_ranges(size)
+        .into_iter()
+        .map(|(start, len)| (GuestAddress(start), len as usize))
+        .collect();
+    let mem = GuestMemoryMmap::from_ranges(&ranges)
+        .map_err(|source| MemoryError::Map { size, source })?;
+    for region in mem.iter() {
+        let (addr, len) = (
+            region.as_ptr().cast::<libc::c_void>(),
+            region.len() as usize,
+        );
+        // Both are hints: a host without THP or without anonymous-mapping names still runs
+        // the guest, only slower or with a nameless mapping.
+        // SAFETY: the range is exactly one mapping owned by `mem`; neither call changes its
+        // contents or its validity.
+        unsafe {
+            if libc::madvise(addr, len, libc::MADV_HUGEPAGE) != 0 {
+                tracing::debug!("MADV_HUGEPAGE: {}", std::io::Error::last_os_error());
+            }
+            if libc::prctl(
+                libc::PR_SET_VMA,
+                libc::PR_SET_VMA_ANON_NAME as libc::c_ulong,
+                addr as libc::c_ulong,
+                len as libc::c_ulong,
+                MEMFD_NAME.as_ptr() as libc::c_ulong,
+            ) != 0
+            {
+                tracing::debug!("naming guest RAM: {}", std::io::Error::last_os_error());
+            }
+        }
+    }
+    Ok(mem)
+}
+
+fn create_shared_memfd(size: u64) -> Result<GuestMemory, MemoryError> {
     let file = create_memfd(size)?;
     let mut offset = 0u64;
     let mut ranges = Vec::with_capacity(2);
@@ -72,13 +130,13 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vm_memory::{Bytes, GuestMemoryBackend, GuestMemoryRegion};
+    use vm_memory::Bytes;
 
     #[test]
     fn guest_ram_is_a_named_memfd_split_around_the_gap() {
         // 3.5 GiB of address space costs nothing until touched.
         let size = 0xd000_0000 + (256 << 20);
-        let mem = create_guest_memory(size).unwrap();
+        let mem = create_guest_memory(size, RamBacking::SharedMemfd).unwrap();
         let regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         assert_eq!(regions, vec![(0, 0xd000_0000), (1 << 32, 256 << 20)]);
         mem.write_obj(0xabcdu32, GuestAddress((1 << 32) + 8))
@@ -94,5 +152,27 @@ mod tests {
         // The mapping is visible as the memfd in our own maps.
         let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
         assert!(maps.contains("/memfd:husk-guest-ram"));
+    }
+
+    #[test]
+    fn anonymous_guest_ram_is_private_and_named_where_the_host_allows() {
+        let size = 128 << 20;
+        let mem = create_guest_memory(size, RamBacking::Anonymous).unwrap();
+        let regions: Vec<_> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        assert_eq!(regions, vec![(0, size)]);
+        mem.write_obj(0x1234u32, GuestAddress(size - 4)).unwrap();
+        assert_eq!(mem.read_obj::<u32>(GuestAddress(size - 4)).unwrap(), 0x1234);
+        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
+        let start = mem.iter().next().unwrap().as_ptr() as usize;
+        let line = maps
+            .lines()
+            .find(|l| l.starts_with(&format!("{start:x}-")))
+            .expect("guest RAM mapping in /proc/self/maps");
+        assert!(line.contains(" rw-p "), "private mapping: {line}");
+        // Naming anonymous memory needs CONFIG_ANON_VMA_NAME on the host.
+        let named = maps.contains("[anon:husk-guest-ram]");
+        if !named {
+            eprintln!("host kernel does not name anonymous mappings; guest RAM is unnamed");
+        }
     }
 }

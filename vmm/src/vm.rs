@@ -393,7 +393,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     if host == host::HostKind::NestedPvm {
         disable_halt_polling(&kvm, &vm);
     }
-    let mem = memory::create_guest_memory(mem_size)?;
+    let mem = memory::create_guest_memory(mem_size, memory::RamBacking::Anonymous)?;
     register_memory(&vm, &mem)?;
 
     let kernel = kernel_image.load(&mem)?;
@@ -402,6 +402,15 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         None => None,
     };
 
+    // Where guest RAM sits in the VMM's address space, so that tools measuring the VMM's own
+    // memory can leave it out (anonymous mappings are unnamed on most hosts).
+    metrics.write(serde_json::json!({
+        "event": "guest_ram",
+        "host_ranges": mem
+            .iter()
+            .map(|r| [r.as_ptr() as u64, r.len()])
+            .collect::<Vec<_>>(),
+    }));
     let stop = StopSignal::new().map_err(|source| VmError::Io {
         what: "creating the stop eventfd",
         source,
@@ -499,7 +508,7 @@ mod tests {
             }
         };
         let vm = create_vm(&kvm).unwrap();
-        let mem = memory::create_guest_memory(64 << 20).unwrap();
+        let mem = memory::create_guest_memory(64 << 20, memory::RamBacking::Anonymous).unwrap();
         register_memory(&vm, &mem).unwrap();
         let entry = layout::HIMEM_START;
         mem.write_slice(code, GuestAddress(entry)).unwrap();
