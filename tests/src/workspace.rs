@@ -24,26 +24,29 @@ fn profile_dir() -> Result<PathBuf> {
     Ok(dir.to_path_buf())
 }
 
-/// Path of a workspace binary built in the same profile as the running executable; builds it
-/// with cargo when it is missing (e.g. `cargo test` on a fresh checkout).
+/// Path of a workspace binary built in the same profile as the running executable. Under cargo
+/// (`cargo test`, `cargo bench`: `CARGO` is set) it is built first, because cargo does not
+/// rebuild another package's binary for a test or bench target and a stale one would be
+/// measured; elsewhere it must exist already.
 pub fn binary(name: &str) -> Result<PathBuf> {
     let dir = profile_dir()?;
     let path = dir.join(name);
-    if path.exists() {
-        return Ok(path);
+    if let Some(cargo) = std::env::var_os("CARGO") {
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(root()).args(["build", "--quiet", "--bin", name]);
+        if dir.file_name().is_some_and(|n| n == "release") {
+            cmd.arg("--release");
+        }
+        let status = cmd
+            .status()
+            .with_context(|| format!("running cargo to build {name}"))?;
+        if !status.success() {
+            bail!("building {name} failed ({status})");
+        }
     }
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(root()).args(["build", "--bin", name]);
-    if dir.file_name().is_some_and(|n| n == "release") {
-        cmd.arg("--release");
-    }
-    let status = cmd
-        .status()
-        .with_context(|| format!("running cargo to build {name}"))?;
-    if !status.success() || !path.exists() {
+    if !path.exists() {
         bail!(
-            "building {name} failed ({status}); expected it at {}",
+            "{name} is not built: expected it at {} (run `cargo build --bin {name}`)",
             path.display()
         );
     }
