@@ -9,7 +9,7 @@ pub const USAGE: &str = "\
 husk-agent: the husk guest agent (PID 1 of a husk micro-VM; ttrpc API on vsock)
 
 USAGE:
-    husk-agent [--listen ADDR] [--log-level LEVEL]
+    husk-agent [--listen ADDR] [--stdio-listen ADDR] [--log-level LEVEL]
 
 Run as PID 1 of the guest (the normal case) it takes no arguments: it mounts the guest's
 pseudo file systems, reaps orphans, listens on vsock://-1:1024 and powers the VM off on
@@ -22,6 +22,9 @@ isolates nothing: do not use it to run workloads.
 OPTIONS:
     --listen ADDR        unix:///path/agent.sock (host test mode) or vsock://CID:PORT
                          (default in the guest: vsock://-1:1024, -1 meaning any CID)
+    --stdio-listen ADDR  where the host attaches container stdio streams, same forms
+                         (default: the --listen path plus .stdio for unix://, else
+                         vsock://-1:1025)
     --log-level LEVEL    off, error, warn, info, debug or trace (default: warn as PID 1,
                          info otherwise; in the guest also husk.agent_log=LEVEL on the
                          kernel command line)
@@ -32,6 +35,7 @@ OPTIONS:
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Args {
     pub listen: Option<String>,
+    pub stdio_listen: Option<String>,
     pub log_level: Option<LevelFilter>,
 }
 
@@ -79,7 +83,11 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, CliErr
         match name.as_str() {
             "-h" | "--help" => return Ok(Command::Help),
             "-V" | "--version" => return Ok(Command::Version),
-            "--listen" => parsed.listen = Some(validate_listen(value("--listen")?)?),
+            "--listen" => parsed.listen = Some(validate_listen("--listen", value("--listen")?)?),
+            "--stdio-listen" => {
+                let addr = value("--stdio-listen")?;
+                parsed.stdio_listen = Some(validate_listen("--stdio-listen", addr)?);
+            }
             "--log-level" => {
                 let v = value("--log-level")?;
                 let level = crate::cmdline::parse_level(&v).ok_or(CliError::Invalid {
@@ -95,9 +103,9 @@ pub fn parse(args: impl IntoIterator<Item = OsString>) -> Result<Command, CliErr
     Ok(Command::Run(parsed))
 }
 
-fn validate_listen(addr: String) -> Result<String, CliError> {
+fn validate_listen(option: &'static str, addr: String) -> Result<String, CliError> {
     let invalid = |why| CliError::Invalid {
-        option: "--listen",
+        option,
         value: addr.clone(),
         why,
     };
@@ -139,6 +147,7 @@ mod tests {
         let expected = Command::Run(Args {
             listen: Some("unix:///tmp/a.sock".into()),
             log_level: Some(LevelFilter::DEBUG),
+            ..Args::default()
         });
         assert_eq!(
             run(&["--listen", "unix:///tmp/a.sock", "--log-level", "debug"]),
@@ -148,7 +157,15 @@ mod tests {
             run(&["--listen=vsock://-1:1024"]),
             Ok(Command::Run(Args {
                 listen: Some("vsock://-1:1024".into()),
-                log_level: None
+                ..Args::default()
+            }))
+        );
+        assert_eq!(
+            run(&["--stdio-listen=unix:///tmp/s", "--listen", "unix:///tmp/a"]),
+            Ok(Command::Run(Args {
+                listen: Some("unix:///tmp/a".into()),
+                stdio_listen: Some("unix:///tmp/s".into()),
+                ..Args::default()
             }))
         );
         assert_eq!(run(&["--help"]), Ok(Command::Help));
@@ -163,6 +180,17 @@ mod tests {
         assert!(run(&["--listen", "vsock://3"]).is_err());
         assert!(run(&["--listen", "vsock://x:1024"]).is_err());
         assert!(run(&["--log-level", "loud"]).is_err());
+        assert_eq!(
+            run(&["--stdio-listen"]),
+            Err(CliError::MissingValue("--stdio-listen"))
+        );
+        assert!(matches!(
+            run(&["--stdio-listen", "tcp://x"]),
+            Err(CliError::Invalid {
+                option: "--stdio-listen",
+                ..
+            })
+        ));
         assert_eq!(run(&["extra"]), Err(CliError::Unknown("extra".into())));
     }
 }

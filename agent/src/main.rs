@@ -4,12 +4,14 @@
 
 mod cli;
 mod cmdline;
+mod containers;
 mod guest;
 mod init;
 mod logger;
 mod power;
 mod reaper;
 mod service;
+mod stdio;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,6 +21,7 @@ use tokio::sync::Notify;
 use tracing::level_filters::LevelFilter;
 
 use crate::cmdline::KernelOptions;
+use crate::containers::{Containers, Mode};
 use crate::reaper::Reaper;
 use crate::service::Agent;
 
@@ -48,6 +51,12 @@ enum AgentError {
     },
     #[error("child reaper stopped: {0}")]
     Reaper(#[source] std::io::Error),
+    #[error("stdio listener on {addr}: {source}")]
+    StdioListen {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 fn main() {
@@ -89,8 +98,17 @@ fn guest_main(args: cli::Args) -> ! {
         power::reset()
     }));
     let result = guest_setup(args.log_level).and_then(|(opts, reaper)| {
+        let stdio_listen = args
+            .stdio_listen
+            .unwrap_or_else(|| stdio::default_listen(None));
         let listen = args.listen.unwrap_or_else(default_listen);
-        run_server(&listen, opts.ready_console, reaper)
+        run_server(
+            &listen,
+            &stdio_listen,
+            opts.ready_console,
+            reaper,
+            Mode::Guest,
+        )
     });
     if let Err(e) = result {
         tracing::error!("fatal: {e}");
@@ -144,10 +162,15 @@ fn host_main(args: cli::Args) -> i32 {
         tracing::error!("not PID 1: host test mode needs --listen unix:///path (see --help)");
         return 2;
     };
-    tracing::info!("host test mode (no isolation), listening on {listen}");
-    let result = run_server(&listen, false, Reaper::new());
-    if let Some(path) = listen.strip_prefix("unix://") {
-        let _ = std::fs::remove_file(path);
+    let stdio_listen = args
+        .stdio_listen
+        .unwrap_or_else(|| stdio::default_listen(Some(&listen)));
+    tracing::info!("host test mode (no isolation), listening on {listen}, stdio on {stdio_listen}");
+    let result = run_server(&listen, &stdio_listen, false, Reaper::new(), Mode::Host);
+    for addr in [&listen, &stdio_listen] {
+        if let Some(path) = addr.strip_prefix("unix://") {
+            let _ = std::fs::remove_file(path);
+        }
     }
     match result {
         Ok(()) => 0,
@@ -158,8 +181,23 @@ fn host_main(args: cli::Args) -> i32 {
     }
 }
 
+/// Sandbox and container state: a tmpfs directory in the guest; in host test mode one per
+/// agent process, so that agents running side by side (tests) do not share it.
+fn state_dir(mode: Mode) -> std::path::PathBuf {
+    match mode {
+        Mode::Guest => containers::GUEST_STATE_DIR.into(),
+        Mode::Host => std::env::temp_dir().join(format!("husk-agent-{}", std::process::id())),
+    }
+}
+
 /// Serves until DestroySandbox (Ok) or a fatal error.
-fn run_server(listen: &str, ready_console: bool, reaper: Reaper) -> Result<(), AgentError> {
+fn run_server(
+    listen: &str,
+    stdio_listen: &str,
+    ready_console: bool,
+    reaper: Reaper,
+    mode: Mode,
+) -> Result<(), AgentError> {
     // current_thread: every thread and every page touched costs ~2 ms at guest boot.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_io()
@@ -172,11 +210,27 @@ fn run_server(listen: &str, ready_console: bool, reaper: Reaper) -> Result<(), A
             source,
         };
         let shutdown = Arc::new(Notify::new());
-        let agent = Arc::new(Agent::new(shutdown.clone(), reaper.clone()));
+        let stdio_broker = stdio::StdioBroker::new();
+        // The container RPCs register streams with the broker the stdio listener serves.
+        let containers =
+            Containers::new(mode, state_dir(mode), reaper.clone(), stdio_broker.clone());
+        let agent = Arc::new(Agent::new(shutdown.clone(), containers));
         let mut server = ttrpc::r#async::Server::new()
             .bind(listen)
             .map_err(listen_err)?
             .register_service(create_agent_service(agent));
+        // Stdio streams (agent/src/stdio): bound before the readiness line, like the API.
+        let stdio_listener =
+            stdio::bind(stdio_listen).map_err(|source| AgentError::StdioListen {
+                addr: stdio_listen.to_owned(),
+                source,
+            })?;
+        let serving = stdio_broker.clone();
+        tokio::spawn(async move {
+            if let Err(e) = serving.serve(stdio_listener).await {
+                tracing::error!("stdio listener stopped: {e}");
+            }
+        });
         // Bound and listening: clients that connect now wait in the backlog.
         if ready_console && let Err(e) = init::announce_ready_on_console() {
             tracing::warn!("{e}");

@@ -1,17 +1,23 @@
 //! The ttrpc `AgentService` implementation.
 //!
-//! Layout for what comes next: this file only maps RPCs to the modules doing the work
-//! (`guest` today; containers, processes and stats later) and turns their typed errors
-//! into ttrpc statuses following the convention in agent.proto: a gRPC code plus a
-//! message "<what>: <why>".
+//! This file only maps RPCs to the modules doing the work (`guest`, `containers`) and turns
+//! their typed errors into ttrpc statuses following the convention in agent.proto: a gRPC
+//! code plus a message "<what>: <why>".
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use husk_protocol::agent::{
-    CheckRequest, CheckResponse, DestroySandboxRequest, DestroySandboxResponse,
-    GetGuestDetailsRequest, GetGuestDetailsResponse, ServingStatus,
+    CheckRequest, CheckResponse, CloseStdinRequest, CloseStdinResponse, CreateContainerRequest,
+    CreateContainerResponse, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest,
+    DestroySandboxResponse, ExecProcessRequest, ExecProcessResponse, GetGuestDetailsRequest,
+    GetGuestDetailsResponse, GetOOMEventRequest, GetOOMEventResponse, ListProcessesRequest,
+    ListProcessesResponse, PauseContainerRequest, PauseContainerResponse, RemoveContainerRequest,
+    RemoveContainerResponse, ResumeContainerRequest, ResumeContainerResponse, ServingStatus,
+    SignalProcessRequest, SignalProcessResponse, StartContainerRequest, StartContainerResponse,
+    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, TtyWinResizeResponse,
+    UpdateContainerRequest, UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
 };
 use husk_protocol::agent_ttrpc::AgentService;
 use tokio::sync::Notify;
@@ -19,26 +25,32 @@ use ttrpc::Code;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::error::get_rpc_status;
 
-use crate::reaper::Reaper;
+use crate::containers::{Containers, Failure};
 
 /// Shared agent state, one per agent process.
 pub struct Agent {
-    /// Set by DestroySandbox; `Check` then reports NOT_SERVING.
+    /// Set by DestroySandbox; `Check` then reports NOT_SERVING and new work is refused.
     shutting_down: AtomicBool,
     /// Woken once when the agent must stop (after the reply has been sent).
     shutdown: Arc<Notify>,
-    /// Child registry for the container code (next issue).
-    #[allow(dead_code)]
-    reaper: Reaper,
+    containers: Containers,
 }
 
 impl Agent {
-    pub fn new(shutdown: Arc<Notify>, reaper: Reaper) -> Self {
+    pub fn new(shutdown: Arc<Notify>, containers: Containers) -> Self {
         Self {
             shutting_down: AtomicBool::new(false),
             shutdown,
-            reaper,
+            containers,
         }
+    }
+
+    /// Refuses new work once DestroySandbox has begun.
+    fn serving(&self, method: &str) -> ttrpc::Result<()> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(unavailable(method));
+        }
+        Ok(())
     }
 }
 
@@ -52,6 +64,10 @@ fn unavailable(what: &str) -> ttrpc::Error {
         Code::UNAVAILABLE,
         format!("{what}: the agent is shutting down"),
     )
+}
+
+fn status(e: Failure) -> ttrpc::Error {
+    e.to_status()
 }
 
 #[async_trait]
@@ -84,9 +100,197 @@ impl AgentService for Agent {
         if self.shutting_down.swap(true, Ordering::SeqCst) {
             return Err(unavailable("DestroySandbox"));
         }
-        tracing::info!("DestroySandbox: shutting down");
+        tracing::info!("DestroySandbox: removing containers, then shutting down");
+        // Failures are logged: the VM goes down regardless, which ends what is left.
+        if let Err(e) = self.containers.destroy_all().await {
+            tracing::warn!("DestroySandbox: {e}");
+        }
         // main waits for this, lets the reply go out, then powers off.
         self.shutdown.notify_one();
         Ok(DestroySandboxResponse::new())
+    }
+
+    async fn create_sandbox(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateSandboxRequest,
+    ) -> ttrpc::Result<CreateSandboxResponse> {
+        self.serving("CreateSandbox")?;
+        let dir = self.containers.create_sandbox(req).await.map_err(status)?;
+        let mut resp = CreateSandboxResponse::new();
+        resp.sandbox_dir = dir.to_string_lossy().into_owned();
+        Ok(resp)
+    }
+
+    async fn create_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CreateContainerRequest,
+    ) -> ttrpc::Result<CreateContainerResponse> {
+        self.serving("CreateContainer")?;
+        let pid = self.containers.create(req).await.map_err(status)?;
+        let mut resp = CreateContainerResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn start_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StartContainerRequest,
+    ) -> ttrpc::Result<StartContainerResponse> {
+        self.serving("StartContainer")?;
+        self.containers
+            .start(&req.container_id)
+            .await
+            .map_err(status)?;
+        Ok(StartContainerResponse::new())
+    }
+
+    async fn exec_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ExecProcessRequest,
+    ) -> ttrpc::Result<ExecProcessResponse> {
+        self.serving("ExecProcess")?;
+        let pid = self.containers.exec(req).await.map_err(status)?;
+        let mut resp = ExecProcessResponse::new();
+        resp.pid = pid;
+        Ok(resp)
+    }
+
+    async fn signal_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: SignalProcessRequest,
+    ) -> ttrpc::Result<SignalProcessResponse> {
+        self.containers
+            .signal(&req.container_id, &req.exec_id, req.signal, req.all)
+            .await
+            .map_err(status)?;
+        Ok(SignalProcessResponse::new())
+    }
+
+    async fn wait_process(
+        &self,
+        _ctx: &TtrpcContext,
+        req: WaitProcessRequest,
+    ) -> ttrpc::Result<WaitProcessResponse> {
+        self.containers
+            .wait(&req.container_id, &req.exec_id)
+            .await
+            .map_err(status)
+    }
+
+    async fn remove_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RemoveContainerRequest,
+    ) -> ttrpc::Result<RemoveContainerResponse> {
+        self.containers
+            .remove(&req.container_id)
+            .await
+            .map_err(status)?;
+        Ok(RemoveContainerResponse::new())
+    }
+
+    async fn list_processes(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ListProcessesRequest,
+    ) -> ttrpc::Result<ListProcessesResponse> {
+        let pids = self
+            .containers
+            .list_processes(&req.container_id)
+            .await
+            .map_err(status)?;
+        let mut resp = ListProcessesResponse::new();
+        resp.pids = pids;
+        Ok(resp)
+    }
+
+    async fn pause_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: PauseContainerRequest,
+    ) -> ttrpc::Result<PauseContainerResponse> {
+        self.containers
+            .set_paused(&req.container_id, true)
+            .await
+            .map_err(status)?;
+        Ok(PauseContainerResponse::new())
+    }
+
+    async fn resume_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ResumeContainerRequest,
+    ) -> ttrpc::Result<ResumeContainerResponse> {
+        self.containers
+            .set_paused(&req.container_id, false)
+            .await
+            .map_err(status)?;
+        Ok(ResumeContainerResponse::new())
+    }
+
+    async fn update_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: UpdateContainerRequest,
+    ) -> ttrpc::Result<UpdateContainerResponse> {
+        let skipped = self
+            .containers
+            .update(&req.container_id, &req.resources_json)
+            .await
+            .map_err(status)?;
+        let mut resp = UpdateContainerResponse::new();
+        resp.skipped = skipped;
+        Ok(resp)
+    }
+
+    async fn stats_container(
+        &self,
+        _ctx: &TtrpcContext,
+        req: StatsContainerRequest,
+    ) -> ttrpc::Result<StatsContainerResponse> {
+        self.containers
+            .stats(&req.container_id)
+            .await
+            .map_err(status)
+    }
+
+    async fn get_oom_event(
+        &self,
+        _ctx: &TtrpcContext,
+        _req: GetOOMEventRequest,
+    ) -> ttrpc::Result<GetOOMEventResponse> {
+        let id = self.containers.next_oom_event().await.map_err(status)?;
+        let mut resp = GetOOMEventResponse::new();
+        resp.container_id = id;
+        Ok(resp)
+    }
+
+    async fn tty_win_resize(
+        &self,
+        _ctx: &TtrpcContext,
+        req: TtyWinResizeRequest,
+    ) -> ttrpc::Result<TtyWinResizeResponse> {
+        self.containers
+            .resize(&req.container_id, &req.exec_id, req.rows, req.cols)
+            .await
+            .map_err(status)?;
+        Ok(TtyWinResizeResponse::new())
+    }
+
+    async fn close_stdin(
+        &self,
+        _ctx: &TtrpcContext,
+        req: CloseStdinRequest,
+    ) -> ttrpc::Result<CloseStdinResponse> {
+        self.containers
+            .close_stdin(&req.container_id, &req.exec_id)
+            .await
+            .map_err(status)?;
+        Ok(CloseStdinResponse::new())
     }
 }

@@ -33,7 +33,8 @@ pub fn binary(name: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     if let Some(cargo) = std::env::var_os("CARGO") {
         let mut cmd = Command::new(cargo);
-        cmd.current_dir(root()).args(["build", "--quiet", "--bin", name]);
+        cmd.current_dir(root())
+            .args(["build", "--quiet", "--bin", name]);
         if dir.file_name().is_some_and(|n| n == "release") {
             cmd.arg("--release");
         }

@@ -23,8 +23,13 @@ use ttrpc::context::{self, Context};
 
 use crate::AGENT_VSOCK_PORT;
 use crate::agent::{
-    CheckRequest, CheckResponse, DestroySandboxRequest, DestroySandboxResponse,
-    GetGuestDetailsRequest, GetGuestDetailsResponse,
+    CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
+    CreateContainerResponse, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest,
+    DestroySandboxResponse, ExecProcessRequest, ExecProcessResponse, GetGuestDetailsRequest,
+    GetGuestDetailsResponse, GetOOMEventRequest, ListProcessesRequest, PauseContainerRequest,
+    RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest, StartContainerRequest,
+    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
+    UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
 };
 use crate::agent_ttrpc::AgentServiceClient;
 
@@ -173,6 +178,30 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// The status code of a failed RPC (None for connection-level failures).
+    pub fn rpc_code(&self) -> Option<ttrpc::Code> {
+        match self {
+            ClientError::Rpc {
+                source: ttrpc::Error::RpcStatus(status),
+                ..
+            } => status.code.enum_value().ok(),
+            _ => None,
+        }
+    }
+
+    /// The agent's message of a failed RPC ("<what>: <why>").
+    pub fn rpc_message(&self) -> Option<&str> {
+        match self {
+            ClientError::Rpc {
+                source: ttrpc::Error::RpcStatus(status),
+                ..
+            } => Some(status.message.as_str()),
+            _ => None,
+        }
+    }
+}
+
 /// Runs the hybrid-vsock handshake on a connected stream to a VMM socket and returns the
 /// host-side port the VMM assigned. Reads byte by byte so that nothing after the reply's
 /// newline (guest data) is consumed.
@@ -274,7 +303,8 @@ pub async fn connect(target: &Target) -> Result<AgentClient, ClientError> {
 }
 
 /// Connects, retrying any failure with a short backoff until `deadline`, e.g. while the
-/// VM boots. On timeout the error names the target and the last failure.
+/// VM boots. On timeout the error names the target and the last failure (that of the
+/// attempt before, if the deadline cut the last one short).
 pub async fn connect_with_retry(
     target: &Target,
     deadline: Instant,
@@ -282,6 +312,7 @@ pub async fn connect_with_retry(
     let start = Instant::now();
     let mut backoff = BACKOFF_START;
     let mut attempts = 0u32;
+    let mut previous: Option<ClientError> = None;
     loop {
         attempts += 1;
         let remaining = deadline.saturating_duration_since(Instant::now());
@@ -289,13 +320,15 @@ pub async fn connect_with_retry(
         let last = match tokio::time::timeout(remaining, connect(target)).await {
             Ok(Ok(client)) => return Ok(client),
             Ok(Err(e)) => e,
-            Err(_) => ClientError::Connect {
+            // An attempt cut short by the deadline says less than the failure of the
+            // attempt before it (if any): report that one.
+            Err(_) => previous.take().unwrap_or_else(|| ClientError::Connect {
                 target: target.to_string(),
                 source: io::Error::new(
                     io::ErrorKind::TimedOut,
                     "no handshake reply before the deadline",
                 ),
-            },
+            }),
         };
         let now = Instant::now();
         if now >= deadline {
@@ -307,6 +340,7 @@ pub async fn connect_with_retry(
             });
         }
         tracing::trace!(%target, attempts, error = %last, "agent not reachable yet");
+        previous = Some(last);
         tokio::time::sleep(backoff.min(deadline - now)).await;
         backoff = (backoff * 2).min(BACKOFF_MAX);
     }
@@ -374,6 +408,201 @@ impl AgentClient {
             .get_guest_details(self.ctx(), &GetGuestDetailsRequest::new())
             .await
             .map_err(self.rpc_error("GetGuestDetails"))
+    }
+
+    /// `CreateSandbox`: hostname, DNS, shared mounts, sysctls; returns the sandbox dir.
+    pub async fn create_sandbox(
+        &self,
+        req: &CreateSandboxRequest,
+    ) -> Result<CreateSandboxResponse, ClientError> {
+        self.inner
+            .create_sandbox(self.ctx(), req)
+            .await
+            .map_err(self.rpc_error("CreateSandbox"))
+    }
+
+    /// `CreateContainer`: the init is created and held; returns its pid.
+    pub async fn create_container(
+        &self,
+        req: &CreateContainerRequest,
+    ) -> Result<CreateContainerResponse, ClientError> {
+        self.inner
+            .create_container(self.ctx(), req)
+            .await
+            .map_err(self.rpc_error("CreateContainer"))
+    }
+
+    /// `StartContainer`: runs the user's program of a created container.
+    pub async fn start_container(&self, container_id: &str) -> Result<(), ClientError> {
+        let mut req = StartContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner
+            .start_container(self.ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(self.rpc_error("StartContainer"))
+    }
+
+    /// `ExecProcess`: a new process in a running container; returns its pid.
+    pub async fn exec_process(
+        &self,
+        req: &ExecProcessRequest,
+    ) -> Result<ExecProcessResponse, ClientError> {
+        self.inner
+            .exec_process(self.ctx(), req)
+            .await
+            .map_err(self.rpc_error("ExecProcess"))
+    }
+
+    /// `SignalProcess`: `exec_id` empty for the init; `all` for every process.
+    pub async fn signal_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ClientError> {
+        let mut req = SignalProcessRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        // Negative numbers become huge and the agent rejects them as not a signal.
+        req.signal = signal as u32;
+        req.all = all;
+        self.inner
+            .signal_process(self.ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(self.rpc_error("SignalProcess"))
+    }
+
+    /// `WaitProcess`: waits for the exit with no RPC deadline (processes run for as long
+    /// as they like); wrap it in a timeout to bound it.
+    pub async fn wait_process(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+    ) -> Result<WaitProcessResponse, ClientError> {
+        let mut req = WaitProcessRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        self.inner
+            .wait_process(Context::default(), &req)
+            .await
+            .map_err(self.rpc_error("WaitProcess"))
+    }
+
+    /// `RemoveContainer`: kills what runs, removes mounts, cgroup and state.
+    pub async fn remove_container(&self, container_id: &str) -> Result<(), ClientError> {
+        let mut req = RemoveContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner
+            .remove_container(self.ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(self.rpc_error("RemoveContainer"))
+    }
+
+    /// `ListProcesses`: guest pids of every process of the container, sorted.
+    pub async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError> {
+        let mut req = ListProcessesRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner
+            .list_processes(self.ctx(), &req)
+            .await
+            .map(|r| r.pids)
+            .map_err(self.rpc_error("ListProcesses"))
+    }
+
+    /// `PauseContainer`: freezes the container's cgroup.
+    pub async fn pause_container(&self, container_id: &str) -> Result<(), ClientError> {
+        let mut req = PauseContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner
+            .pause_container(self.ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(self.rpc_error("PauseContainer"))
+    }
+
+    /// `ResumeContainer`: thaws the container's cgroup.
+    pub async fn resume_container(&self, container_id: &str) -> Result<(), ClientError> {
+        let mut req = ResumeContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner
+            .resume_container(self.ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(self.rpc_error("ResumeContainer"))
+    }
+
+    /// `UpdateContainer`: `resources_json` is an OCI `linux.resources` object.
+    pub async fn update_container(
+        &self,
+        container_id: &str,
+        resources_json: Vec<u8>,
+    ) -> Result<UpdateContainerResponse, ClientError> {
+        let mut req = UpdateContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        req.resources_json = resources_json;
+        self.inner
+            .update_container(self.ctx(), &req)
+            .await
+            .map_err(self.rpc_error("UpdateContainer"))
+    }
+
+    /// `StatsContainer`: cgroup statistics.
+    pub async fn stats_container(
+        &self,
+        container_id: &str,
+    ) -> Result<StatsContainerResponse, ClientError> {
+        let mut req = StatsContainerRequest::new();
+        req.container_id = container_id.to_owned();
+        self.inner
+            .stats_container(self.ctx(), &req)
+            .await
+            .map_err(self.rpc_error("StatsContainer"))
+    }
+
+    /// `GetOOMEvent`: waits (no RPC deadline) for the next OOM kill; returns the
+    /// container id.
+    pub async fn get_oom_event(&self) -> Result<String, ClientError> {
+        self.inner
+            .get_oom_event(Context::default(), &GetOOMEventRequest::new())
+            .await
+            .map(|r| r.container_id)
+            .map_err(self.rpc_error("GetOOMEvent"))
+    }
+
+    /// `TtyWinResize` of a process started with a terminal.
+    pub async fn tty_win_resize(
+        &self,
+        container_id: &str,
+        exec_id: &str,
+        rows: u32,
+        cols: u32,
+    ) -> Result<(), ClientError> {
+        let mut req = TtyWinResizeRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        req.rows = rows;
+        req.cols = cols;
+        self.inner
+            .tty_win_resize(self.ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(self.rpc_error("TtyWinResize"))
+    }
+
+    /// `CloseStdin`: the process reads EOF.
+    pub async fn close_stdin(&self, container_id: &str, exec_id: &str) -> Result<(), ClientError> {
+        let mut req = CloseStdinRequest::new();
+        req.container_id = container_id.to_owned();
+        req.exec_id = exec_id.to_owned();
+        self.inner
+            .close_stdin(self.ctx(), &req)
+            .await
+            .map(drop)
+            .map_err(self.rpc_error("CloseStdin"))
     }
 
     /// `DestroySandbox`: the agent replies, then powers the VM off.
@@ -523,11 +752,14 @@ mod tests {
     async fn retry_reports_last_handshake_error() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("vmm.sock");
-        // A VMM whose guest never listens: every CONNECT is closed unanswered.
+        // A VMM whose guest never listens: every CONNECT is read, then closed unanswered.
+        // Reading it first keeps the close from racing the client's write (which would
+        // fail with EPIPE/ECONNRESET instead of reaching the reply).
         let listener = UnixListener::bind(&path).expect("bind");
         std::thread::spawn(move || {
-            for stream in listener.incoming() {
-                drop(stream);
+            for stream in listener.incoming().flatten() {
+                let mut line = String::new();
+                let _ = BufReader::new(&stream).read_line(&mut line);
             }
         });
         let target = Target::hybrid_vsock(&path);

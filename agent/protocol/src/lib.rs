@@ -9,6 +9,9 @@
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
 
+/// The guest vsock port of the stdio streams (see [`stdio`]).
+pub const STDIO_VSOCK_PORT: u32 = 1025;
+
 #[allow(
     clippy::all,
     clippy::pedantic,
@@ -44,5 +47,6 @@ pub mod agent_ttrpc {
 }
 
 pub mod client;
+pub mod stdio;
 
 pub use ttrpc;
