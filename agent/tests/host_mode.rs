@@ -1,72 +1,13 @@
 //! Host-test-mode integration tests: spawn the real `husk-agent` binary listening on a
 //! Unix socket, talk to it with husk-protocol's client, compare with this host's facts.
 
-use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::process::Command;
+use std::time::Duration;
+
+use common::{AGENT, AgentProcess};
 use husk_protocol::agent::ServingStatus;
-use husk_protocol::client::{AgentClient, Target, connect_with_retry};
-
-const AGENT: &str = env!("CARGO_BIN_EXE_husk-agent");
-
-/// A running host-mode agent, killed on drop if still alive.
-struct AgentProcess {
-    child: Child,
-    socket: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl AgentProcess {
-    fn spawn() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let socket = dir.path().join("agent.sock");
-        let child = Command::new(AGENT)
-            .arg("--listen")
-            .arg(format!("unix://{}", socket.display()))
-            .arg("--log-level=warn")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("spawn husk-agent");
-        Self {
-            child,
-            socket,
-            _dir: dir,
-        }
-    }
-
-    async fn connect(&self) -> AgentClient {
-        connect_with_retry(
-            &Target::unix(&self.socket),
-            Instant::now() + Duration::from_secs(10),
-        )
-        .await
-        .expect("agent reachable")
-    }
-
-    fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(status) = self.child.try_wait().expect("try_wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent still running after {timeout:?}"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-    }
-}
-
-impl Drop for AgentProcess {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
 
 fn read(path: &str) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("read {path}: {e}"))
