@@ -5,8 +5,10 @@
 pub mod guest_image;
 pub mod host;
 pub mod proc_stats;
+pub mod rootfs;
 pub mod vm;
 pub mod workspace;
 
 pub use guest_image::GuestImage;
-pub use vm::{VmOptions, VmProcess};
+pub use rootfs::BusyboxImage;
+pub use vm::{BlockDevice, VmOptions, VmProcess};

@@ -18,6 +18,40 @@ pub struct VmOptions {
     pub cmdline: String,
     /// Keep the guest's serial console in a file (slow on nested-PVM hosts: ~100 µs per char).
     pub console: bool,
+    /// virtio-blk disks, in guest order.
+    pub blocks: Vec<BlockDevice>,
+}
+
+/// A virtio-blk disk backed by a host file (`--block path=..,ro=..,serial=..`).
+#[derive(Debug, Clone)]
+pub struct BlockDevice {
+    pub path: PathBuf,
+    pub read_only: bool,
+    /// The virtio-blk serial the agent finds the disk by (up to 20 bytes).
+    pub serial: String,
+}
+
+impl BlockDevice {
+    /// The `--block` argument of husk-vmm. The VMM's spec is comma separated, so a path
+    /// with a comma cannot be passed.
+    fn arg(&self) -> Result<String> {
+        let path = self
+            .path
+            .to_str()
+            .with_context(|| format!("block image path {} is not UTF-8", self.path.display()))?;
+        if path.contains(',') || self.serial.contains(',') {
+            bail!(
+                "block image path {path:?} or serial {:?} contains a comma",
+                self.serial
+            );
+        }
+        let ro = if self.read_only { "on" } else { "off" };
+        let mut arg = format!("path={path},ro={ro}");
+        if !self.serial.is_empty() {
+            arg.push_str(&format!(",serial={}", self.serial));
+        }
+        Ok(arg)
+    }
 }
 
 impl Default for VmOptions {
@@ -27,6 +61,7 @@ impl Default for VmOptions {
             vcpus: 1,
             cmdline: String::new(),
             console: false,
+            blocks: Vec::new(),
         }
     }
 }
@@ -69,6 +104,9 @@ impl VmProcess {
         if opts.console {
             cmd.arg("--console")
                 .arg(format!("file:{}", dir.path().join("console.log").display()));
+        }
+        for block in &opts.blocks {
+            cmd.arg("--block").arg(block.arg()?);
         }
         if !opts.cmdline.is_empty() {
             cmd.arg("--cmdline").arg(&opts.cmdline);
@@ -206,5 +244,25 @@ impl Drop for VmProcess {
             let _ = self.child.kill();
             let _ = self.child.wait();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn block_argument() {
+        let mut b = BlockDevice {
+            path: "/img/root.ext4".into(),
+            read_only: true,
+            serial: "rootfs".into(),
+        };
+        assert_eq!(b.arg().unwrap(), "path=/img/root.ext4,ro=on,serial=rootfs");
+        b.read_only = false;
+        b.serial.clear();
+        assert_eq!(b.arg().unwrap(), "path=/img/root.ext4,ro=off");
+        b.path = "/a,b".into();
+        assert!(b.arg().is_err());
     }
 }
