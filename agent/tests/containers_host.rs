@@ -509,12 +509,10 @@ async fn stdio_output_written_before_attach_is_kept() {
     assert_eq!(got.len(), expected.len());
     assert!(got == expected.as_bytes(), "output differs from seq's");
     // A stream that ended is forgotten.
-    let err = husk_protocol::stdio::attach(
-        &husk_protocol::client::Target::unix(&agent.socket),
-        "early-out",
-    )
-    .await
-    .expect_err("attached twice");
+    let err = agent
+        .try_attach("early-out")
+        .await
+        .expect_err("attached twice");
     assert!(err.to_string().contains("unknown stream id"), "{err}");
     client.remove_container("early").await.expect("remove");
 }
@@ -538,12 +536,10 @@ async fn stdio_close_stdin_rpc_ends_cat_without_an_attached_stdin() {
     let exit = wait(&client, "closed", "").await;
     assert_eq!((exit.exit_code, exit.signal), (0, 0));
     assert_eq!(read_to_end(&mut out, WAIT).await, b"");
-    let err = husk_protocol::stdio::attach(
-        &husk_protocol::client::Target::unix(&agent.socket),
-        "closed-in",
-    )
-    .await
-    .expect_err("stdin closed");
+    let err = agent
+        .try_attach("closed-in")
+        .await
+        .expect_err("stdin closed");
     assert!(err.to_string().contains("stdin already closed"), "{err}");
 
     // A process without a stdin stream has nothing to close.
@@ -557,12 +553,7 @@ async fn stdio_close_stdin_rpc_ends_cat_without_an_attached_stdin() {
     assert_eq!(code(&err), Code::FAILED_PRECONDITION, "{err}");
     client.remove_container("nostdin").await.expect("remove");
     // Removing a container releases its never-attached streams.
-    let err = husk_protocol::stdio::attach(
-        &husk_protocol::client::Target::unix(&agent.socket),
-        "nostdin-out",
-    )
-    .await
-    .expect_err("released");
+    let err = agent.try_attach("nostdin-out").await.expect_err("released");
     assert!(err.to_string().contains("unknown stream id"), "{err}");
     client.remove_container("closed").await.expect("remove");
 }

@@ -142,9 +142,7 @@ fn main() -> Result<()> {
         .filter(|&n| n > 0)
         .unwrap_or(5);
     let image = GuestImage::locate_or_build()?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = husk_tests::runtime()?;
 
     let mut husk = Vec::new();
     for i in 0..boots {

@@ -12,3 +12,10 @@ pub mod workspace;
 pub use guest_image::GuestImage;
 pub use rootfs::BusyboxImage;
 pub use vm::{BlockDevice, VmOptions, VmProcess};
+
+/// The single-threaded tokio runtime the harness's async agent calls run on.
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+}

@@ -32,10 +32,7 @@ fn vm_boots_to_agent_answers_and_powers_off_cleanly() {
     };
     let mut vm = VmProcess::boot(&image, &opts).expect("starting husk-vmm");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = husk_tests::runtime().expect("tokio runtime");
     rt.block_on(async {
         let agent = vm
             .agent(BOOT_TIMEOUT)

@@ -167,10 +167,7 @@ fn containers_run_in_a_real_vm_with_cgroups_stdio_and_shared_namespaces() {
     };
     let mut vm = VmProcess::boot(&image, &opts).expect("starting husk-vmm");
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let rt = husk_tests::runtime().expect("tokio runtime");
     rt.block_on(async {
         let client = vm
             .agent(BOOT_TIMEOUT)

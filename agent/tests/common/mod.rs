@@ -232,8 +232,16 @@ impl AgentProcess {
     }
 
     /// Attaches stream `id` through the agent's default stdio socket (`<socket>.stdio`).
+    pub async fn try_attach(
+        &self,
+        id: &str,
+    ) -> Result<UnixStream, husk_protocol::stdio::StdioAttachError> {
+        husk_protocol::stdio::attach(&Target::unix(&self.socket), id).await
+    }
+
+    /// Like [`Self::try_attach`], for streams that must attach.
     pub async fn attach(&self, id: &str) -> UnixStream {
-        husk_protocol::stdio::attach(&Target::unix(&self.socket), id)
+        self.try_attach(id)
             .await
             .unwrap_or_else(|e| panic!("attach {id}: {e}"))
     }

@@ -17,9 +17,7 @@ fn main() -> Result<()> {
         image.initramfs.display()
     );
     let mut vm = VmProcess::boot(&image, &VmOptions::default())?;
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let rt = husk_tests::runtime()?;
     let (details, answered_after) = rt.block_on(async {
         let agent = vm.agent(Duration::from_secs(180)).await?;
         let answered_after = vm.started().elapsed();
