@@ -11,6 +11,8 @@ packages=(
   linux-source-6.1 build-essential flex bison bc libelf-dev cpio xz-utils
   # guest rootfs for tests and the demo
   busybox-static e2fsprogs
+  # building virtiofsd (the virtio-fs backend, below)
+  libseccomp-dev libcap-ng-dev
 )
 if [[ "${1:-}" == "--bench" ]]; then
   packages+=(qemu-system-x86)
@@ -33,4 +35,17 @@ if ! command -v cargo >/dev/null; then
 fi
 if [[ ! -e /dev/kvm ]]; then
   echo "install-deps: warning: /dev/kvm is missing; VMs cannot boot on this host (VM tests will skip)" >&2
+fi
+
+# virtiofsd serves host directories to guests over vhost-user (husk-vmm --fs). Any virtiofsd on
+# PATH will do; otherwise the Rust daemon is built from crates.io (needs the -dev packages above).
+if ! command -v virtiofsd >/dev/null; then
+  echo "install-deps: installing virtiofsd (cargo install virtiofsd --locked; a few minutes)" >&2
+  cargo install virtiofsd --locked >&2
+fi
+if command -v virtiofsd >/dev/null; then
+  echo "install-deps: virtiofsd: $(command -v virtiofsd)" >&2
+else
+  echo "install-deps: virtiofsd installed in $(dirname "$(command -v cargo)") but that is not on PATH;" \
+    "add it, or the virtio-fs tests skip" >&2
 fi

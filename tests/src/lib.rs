@@ -11,7 +11,7 @@ pub mod workspace;
 
 pub use guest_image::GuestImage;
 pub use rootfs::BusyboxImage;
-pub use vm::{BlockDevice, VmOptions, VmProcess};
+pub use vm::{BlockDevice, FsShare, VmOptions, VmProcess};
 
 /// The single-threaded tokio runtime the harness's async agent calls run on.
 pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {

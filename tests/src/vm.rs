@@ -54,6 +54,32 @@ impl BlockDevice {
     }
 }
 
+/// A virtio-fs share served by a vhost-user backend (`--fs socket=..,tag=..`).
+#[derive(Debug, Clone)]
+pub struct FsShare {
+    /// The backend's (virtiofsd's) listening socket.
+    pub socket: PathBuf,
+    /// What the guest mounts (`-t virtiofs TAG`).
+    pub tag: String,
+}
+
+impl FsShare {
+    /// The `--fs` argument of husk-vmm (comma separated, like `--block`).
+    fn arg(&self) -> Result<String> {
+        let socket = self
+            .socket
+            .to_str()
+            .with_context(|| format!("fs socket path {} is not UTF-8", self.socket.display()))?;
+        if socket.contains(',') || self.tag.contains(',') {
+            bail!(
+                "fs socket {socket:?} or tag {:?} contains a comma",
+                self.tag
+            );
+        }
+        Ok(format!("socket={socket},tag={}", self.tag))
+    }
+}
+
 impl Default for VmOptions {
     fn default() -> Self {
         Self {
@@ -77,6 +103,13 @@ pub struct VmProcess {
 impl VmProcess {
     /// Starts `husk-vmm` on `image`. Returns as soon as the process runs; the guest boots on.
     pub fn boot(image: &GuestImage, opts: &VmOptions) -> Result<Self> {
+        Self::boot_with_fs(image, opts, &[])
+    }
+
+    /// [`boot`](Self::boot) with virtio-fs shares, whose backends must already listen.
+    /// (A separate call rather than a `VmOptions` field, so that struct literals of
+    /// `VmOptions` elsewhere keep compiling.)
+    pub fn boot_with_fs(image: &GuestImage, opts: &VmOptions, fs: &[FsShare]) -> Result<Self> {
         let vmm = workspace::binary("husk-vmm")?;
         let dir = tempfile::Builder::new()
             .prefix("husk-vm-")
@@ -107,6 +140,9 @@ impl VmProcess {
         }
         for block in &opts.blocks {
             cmd.arg("--block").arg(block.arg()?);
+        }
+        for share in fs {
+            cmd.arg("--fs").arg(share.arg()?);
         }
         if !opts.cmdline.is_empty() {
             cmd.arg("--cmdline").arg(&opts.cmdline);
@@ -264,5 +300,16 @@ mod tests {
         assert_eq!(b.arg().unwrap(), "path=/img/root.ext4,ro=off");
         b.path = "/a,b".into();
         assert!(b.arg().is_err());
+    }
+
+    #[test]
+    fn fs_argument() {
+        let mut f = FsShare {
+            socket: "/run/vfs.sock".into(),
+            tag: "rootfs".into(),
+        };
+        assert_eq!(f.arg().unwrap(), "socket=/run/vfs.sock,tag=rootfs");
+        f.tag = "a,b".into();
+        assert!(f.arg().is_err());
     }
 }

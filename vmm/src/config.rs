@@ -49,6 +49,10 @@ pub struct Cli {
     /// virtio-blk device: path=PATH[,ro=on|off][,serial=ID]. Repeatable.
     #[arg(long = "block", value_name = "SPEC")]
     pub block: Vec<String>,
+    /// virtio-fs device served by a vhost-user backend (virtiofsd): socket=PATH,tag=TAG.
+    /// Repeatable. Guest RAM becomes a shared memfd (see docs/architecture.md).
+    #[arg(long = "fs", value_name = "SPEC")]
+    pub fs: Vec<String>,
     /// virtio-rng device: on|off [default: on].
     #[arg(long, value_name = "on|off")]
     pub rng: Option<String>,
@@ -83,6 +87,8 @@ pub struct FileConfig {
     pub vsock_cid: Option<u64>,
     #[serde(default)]
     pub block: Vec<String>,
+    #[serde(default)]
+    pub fs: Vec<String>,
     pub rng: Option<Switch>,
     pub console: Option<String>,
     #[serde(alias = "cpu-template")]
@@ -173,6 +179,44 @@ impl FromStr for BlockSpec {
     }
 }
 
+/// One `--fs` device: a vhost-user-fs backend's socket and the tag the guest mounts.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FsSpec {
+    pub socket: PathBuf,
+    pub tag: String,
+}
+
+impl FromStr for FsSpec {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Fs {
+            spec: s.to_string(),
+            why: why.to_string(),
+        };
+        let (mut socket, mut tag) = (None, None);
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("'{part}' is not key=value")))?;
+            match key {
+                "socket" if !value.is_empty() => socket = Some(PathBuf::from(value)),
+                "socket" => return Err(bad("empty socket path")),
+                "tag" => {
+                    crate::devices::virtio::fs::config_space::validate_tag(value)
+                        .map_err(|e| bad(&e.to_string()))?;
+                    tag = Some(value.to_string());
+                }
+                other => return Err(bad(&format!("unknown key '{other}'"))),
+            }
+        }
+        Ok(FsSpec {
+            socket: socket.ok_or_else(|| bad("missing socket="))?,
+            tag: tag.ok_or_else(|| bad("missing tag="))?,
+        })
+    }
+}
+
 fn parse_switch(s: &str) -> Option<bool> {
     match s {
         "on" | "true" | "yes" | "1" => Some(true),
@@ -199,6 +243,8 @@ pub struct VmConfig {
     pub vcpus: u8,
     pub vsock: Option<VsockSpec>,
     pub blocks: Vec<BlockSpec>,
+    /// vhost-user-fs devices, after the block devices and rng in slot order.
+    pub fs: Vec<FsSpec>,
     pub rng: bool,
     pub console: Console,
     pub cpu_template: TemplateChoice,
@@ -235,6 +281,10 @@ pub enum ConfigError {
     VsockCidWithoutUds,
     #[error("--block {spec}: {why}")]
     Block { spec: String, why: String },
+    #[error("--fs {spec}: {why}")]
+    Fs { spec: String, why: String },
+    #[error("--fs: tag {0:?} is used twice; the guest could not tell the shares apart")]
+    FsDuplicateTag(String),
     #[error("--rng {0}: expected on or off")]
     Rng(String),
     #[error("--console {0}: expected off, stdout or file:PATH")]
@@ -310,6 +360,15 @@ pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
         .iter()
         .map(|s| s.parse())
         .collect::<Result<Vec<BlockSpec>, _>>()?;
+    let fs_specs = if cli.fs.is_empty() { file.fs } else { cli.fs };
+    let fs = fs_specs
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<FsSpec>, _>>()?;
+    let mut tags = std::collections::HashSet::new();
+    if let Some(dup) = fs.iter().find(|f| !tags.insert(f.tag.as_str())) {
+        return Err(ConfigError::FsDuplicateTag(dup.tag.clone()));
+    }
     let rng = match (cli.rng, file.rng) {
         (Some(s), _) | (None, Some(Switch::Text(s))) => {
             parse_switch(&s).ok_or(ConfigError::Rng(s))?
@@ -339,6 +398,7 @@ pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
         vcpus: vcpus as u8,
         vsock,
         blocks,
+        fs,
         rng,
         console,
         cpu_template,
@@ -486,6 +546,67 @@ mod tests {
                 uds: "/f.sock".into()
             })
         );
+    }
+
+    #[test]
+    fn fs_devices_from_flags_and_file() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--fs",
+            "socket=/run/vfs.sock,tag=rootfs",
+            "--fs",
+            "tag=data,socket=/run/d.sock",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.fs,
+            vec![
+                FsSpec {
+                    socket: "/run/vfs.sock".into(),
+                    tag: "rootfs".into()
+                },
+                FsSpec {
+                    socket: "/run/d.sock".into(),
+                    tag: "data".into()
+                },
+            ]
+        );
+        assert!(parse(&["--kernel", "/k"]).unwrap().fs.is_empty());
+        let file =
+            parse_file_config(r#"{"kernel": "/k", "fs": ["socket=/f.sock,tag=t"]}"#).unwrap();
+        let c = merge(Cli::try_parse_from(["husk-vmm"]).unwrap(), file).unwrap();
+        assert_eq!(c.fs.len(), 1);
+        assert_eq!(c.fs[0].socket, PathBuf::from("/f.sock"));
+    }
+
+    #[test]
+    fn bad_fs_specs_name_the_problem() {
+        let msg = |spec: &str| {
+            parse(&["--kernel", "k", "--fs", spec])
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(msg("tag=x").contains("--fs tag=x: missing socket="));
+        assert!(msg("socket=/s").contains("missing tag="));
+        assert!(msg("socket=,tag=x").contains("empty socket path"));
+        assert!(msg("socket=/s,tag=").contains("empty tag"));
+        assert!(msg("socket=/s,tag=a b").contains("printable ASCII"));
+        let long = format!("socket=/s,tag={}", "t".repeat(37));
+        assert!(msg(&long).contains("longer than 36 bytes"));
+        assert!(msg("socket=/s,tag=x,cache=auto").contains("unknown key 'cache'"));
+        assert!(msg("/s").contains("not key=value"));
+        let dup = parse(&[
+            "--kernel",
+            "k",
+            "--fs",
+            "socket=/a,tag=x",
+            "--fs",
+            "socket=/b,tag=x",
+        ])
+        .unwrap_err()
+        .to_string();
+        assert!(dup.contains("tag \"x\" is used twice"), "{dup}");
     }
 
     #[test]

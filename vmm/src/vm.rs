@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use kvm_bindings::{KVM_CAP_HALT_POLL, kvm_enable_cap, kvm_userspace_memory_region};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
-use kvm_ioctls::{Kvm, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
 use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
@@ -23,8 +23,8 @@ use crate::devices::boot_timer::BootTimer;
 use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleWriter, SerialDevice};
-use crate::devices::virtio::mmio::MmioTransport;
-use crate::devices::virtio::{Interrupt, VirtioDevice, block, rng, vsock};
+use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::{Interrupt, VirtioDevice, block, fs, rng, vsock};
 use crate::host;
 use crate::loader::{self, CmdlineSpec, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -86,6 +86,12 @@ pub enum VmError {
         path: String,
         #[source]
         source: block::BlockError,
+    },
+    #[error("virtio-fs device tag {tag}: {source}")]
+    Fs {
+        tag: String,
+        #[source]
+        source: fs::FsError,
     },
     #[error("too many virtio devices ({0}); at most {max}", max = layout::MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
@@ -314,8 +320,17 @@ fn irqfd(vm: &VmFd, gsi: u32) -> Result<EventFd, VmError> {
     Ok(evt)
 }
 
-/// The virtio devices of a configuration, in slot order: vsock, block devices, rng.
-fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, VmError> {
+/// A virtio device of the configuration, before it gets its slot.
+struct PlannedDevice {
+    device: Box<dyn VirtioDevice>,
+    /// Its queue notifications go to KVM ioeventfds rather than through the VMM: for
+    /// vhost-user devices, whose backend waits on those eventfds itself.
+    ioeventfd: bool,
+}
+
+/// The virtio devices of a configuration, in slot order: vsock, block devices, rng, fs
+/// (appended last so adding a share moves no other device).
+fn virtio_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(v) = &config.vsock {
         let dev = vsock::Vsock::new(v.cid, &v.uds).map_err(|source| VmError::Vsock {
@@ -339,10 +354,51 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<Box<dyn VirtioDevice>>, VmErr
     if config.rng {
         devs.push(Box::new(rng::Rng::new()));
     }
-    if devs.len() > layout::MAX_VIRTIO_DEVICES {
-        return Err(VmError::TooManyDevices(devs.len()));
+    let mut planned: Vec<PlannedDevice> = devs
+        .into_iter()
+        .map(|device| PlannedDevice {
+            device,
+            ioeventfd: false,
+        })
+        .collect();
+    if planned.len() + config.fs.len() > layout::MAX_VIRTIO_DEVICES {
+        return Err(VmError::TooManyDevices(planned.len() + config.fs.len()));
     }
-    Ok(devs)
+    for f in &config.fs {
+        let dev = fs::Fs::new(&fs::FsConfig {
+            socket: f.socket.clone(),
+            tag: f.tag.clone(),
+        })
+        .map_err(|source| VmError::Fs {
+            tag: f.tag.clone(),
+            source,
+        })?;
+        planned.push(PlannedDevice {
+            device: Box::new(dev),
+            ioeventfd: true,
+        });
+    }
+    Ok(planned)
+}
+
+/// One eventfd per queue of a device at `addr`, registered with KVM for writes of the
+/// queue's index to QueueNotify.
+fn notify_ioeventfds(vm: &VmFd, addr: u64, queues: usize) -> Result<Vec<EventFd>, VmError> {
+    (0..queues)
+        .map(|i| {
+            let evt = EventFd::new(EFD_NONBLOCK).map_err(|source| VmError::Io {
+                what: "creating a queue notify eventfd",
+                source,
+            })?;
+            vm.register_ioevent(
+                &evt,
+                &IoEventAddress::Mmio(addr + QUEUE_NOTIFY_OFFSET),
+                i as u32,
+            )
+            .map_err(kvm_err("KVM_IOEVENTFD"))?;
+            Ok(evt)
+        })
+        .collect()
 }
 
 /// Builds the VM described by `config`, runs it, and returns why it stopped.
@@ -393,7 +449,15 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     if host == host::HostKind::NestedPvm {
         disable_halt_polling(&kvm, &vm);
     }
-    let mem = memory::create_guest_memory(mem_size, memory::RamBacking::Anonymous)?;
+    // vhost-user backends map guest RAM themselves, which private memory does not allow. The
+    // memfd costs boot time on hosts without shmem THP (docs/architecture.md), so only then.
+    let backing = if config.fs.is_empty() {
+        memory::RamBacking::Anonymous
+    } else {
+        tracing::info!("guest RAM is a shared memfd: a vhost-user-fs backend maps it");
+        memory::RamBacking::SharedMemfd
+    };
+    let mem = memory::create_guest_memory(mem_size, backing)?;
     register_memory(&vm, &mem)?;
 
     let kernel = kernel_image.load(&mem)?;
@@ -406,6 +470,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     // memory can leave it out (anonymous mappings are unnamed on most hosts).
     metrics.write(serde_json::json!({
         "event": "guest_ram",
+        "backing": match backing {
+            memory::RamBacking::Anonymous => "anonymous",
+            memory::RamBacking::SharedMemfd => "shared_memfd",
+        },
         "host_ranges": mem
             .iter()
             .map(|r| [r.as_ptr() as u64, r.len()])
@@ -441,11 +509,17 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         layout::BOOT_TIMER_SIZE,
     )?;
     let mut slots = Vec::with_capacity(devices.len());
-    for (i, dev) in devices.into_iter().enumerate() {
+    for (i, planned) in devices.into_iter().enumerate() {
         let (addr, irq) = layout::virtio_slot(i).ok_or(VmError::TooManyDevices(i + 1))?;
         let interrupt = Interrupt::new(irqfd(&vm, irq)?);
-        let transport: Arc<Mutex<dyn BusDevice>> =
-            Arc::new(Mutex::new(MmioTransport::new(mem.clone(), dev, interrupt)));
+        let dev = planned.device;
+        let transport = if planned.ioeventfd {
+            let notify = notify_ioeventfds(&vm, addr, dev.queue_max_sizes().len())?;
+            MmioTransport::with_notify_eventfds(mem.clone(), dev, interrupt, notify)
+        } else {
+            MmioTransport::new(mem.clone(), dev, interrupt)
+        };
+        let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
         mmio.insert(transport, addr, layout::VIRTIO_MMIO_SIZE)?;
         slots.push((addr, irq));
     }

@@ -49,6 +49,8 @@ const REG_QUEUE_NUM_MAX: u64 = 0x034;
 const REG_QUEUE_NUM: u64 = 0x038;
 const REG_QUEUE_READY: u64 = 0x044;
 const REG_QUEUE_NOTIFY: u64 = 0x050;
+/// Offset of QueueNotify in the window, for KVM ioeventfds.
+pub const QUEUE_NOTIFY_OFFSET: u64 = REG_QUEUE_NOTIFY;
 const REG_INTERRUPT_STATUS: u64 = 0x060;
 const REG_INTERRUPT_ACK: u64 = 0x064;
 const REG_STATUS: u64 = 0x070;
@@ -115,6 +117,10 @@ pub struct MmioTransport {
     queues: Vec<QueueRegs>,
     /// The transport's ends of the queue notify eventfds, present while the device is active.
     notify: Vec<EventFd>,
+    /// Notify eventfds fixed for the device's lifetime (one per queue), when the VM builder
+    /// registered them with KVM as ioeventfds on QueueNotify; otherwise fresh ones are made
+    /// at each activation.
+    fixed_notify: Option<Vec<EventFd>>,
     device_features_sel: u32,
     driver_features_sel: u32,
     acked_features: u64,
@@ -137,6 +143,7 @@ impl MmioTransport {
             interrupt,
             queues,
             notify: Vec::new(),
+            fixed_notify: None,
             device_features_sel: 0,
             driver_features_sel: 0,
             acked_features: 0,
@@ -145,6 +152,20 @@ impl MmioTransport {
             config_generation: 0,
             activated: false,
         }
+    }
+
+    /// Like [`new`](Self::new), with one notify eventfd per queue that the caller has
+    /// registered as a KVM ioeventfd (QueueNotify address, queue index as datamatch): the
+    /// guest's kicks then reach the device without an exit to the VMM.
+    pub fn with_notify_eventfds(
+        mem: GuestMemory,
+        device: Box<dyn VirtioDevice>,
+        interrupt: Interrupt,
+        notify: Vec<EventFd>,
+    ) -> Self {
+        let mut t = Self::new(mem, device, interrupt);
+        t.fixed_notify = Some(notify);
+        t
     }
 
     /// The device status register as the driver sees it.
@@ -337,7 +358,14 @@ impl MmioTransport {
             let queue = regs
                 .build(&self.mem, event_idx)
                 .map_err(|e| format!("queue {i}: {e}"))?;
-            let notify = EventFd::new(EFD_NONBLOCK).map_err(|e| format!("eventfd: {e}"))?;
+            let notify = match &self.fixed_notify {
+                Some(fixed) => fixed
+                    .get(i)
+                    .ok_or_else(|| format!("queue {i}: no notify eventfd"))?
+                    .try_clone(),
+                None => EventFd::new(EFD_NONBLOCK),
+            }
+            .map_err(|e| format!("eventfd: {e}"))?;
             ours.push(notify.try_clone().map_err(|e| format!("eventfd: {e}"))?);
             active.push(ActiveQueue { queue, notify });
         }
@@ -652,6 +680,35 @@ mod tests {
         wr(&mut t, REG_STATUS, ALL_OK | status::DRIVER_OK);
         assert!(t.is_activated());
         assert_eq!(rec.lock().unwrap().activations[1], (2, vec![8, 8], true));
+    }
+
+    #[test]
+    fn fixed_notify_eventfds_are_handed_to_the_device() {
+        let rec = Arc::new(Mutex::new(Record::default()));
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let fixed: Vec<EventFd> = (0..2)
+            .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+            .collect();
+        let ours: Vec<EventFd> = fixed.iter().map(|e| e.try_clone().unwrap()).collect();
+        let mut t = MmioTransport::with_notify_eventfds(
+            mem(),
+            Box::new(Fake(rec.clone())),
+            Interrupt::new(irq),
+            fixed,
+        );
+        setup(&mut t, VIRTIO_F_VERSION_1);
+        wr(&mut t, REG_STATUS, ALL_OK | status::DRIVER_OK);
+        assert!(t.is_activated());
+        // A QueueNotify that reaches the VMM (no ioeventfd caught it) kicks the same fd.
+        wr(&mut t, REG_QUEUE_NOTIFY, 1);
+        assert_eq!(ours[1].read().unwrap(), 1);
+        assert!(ours[0].read().is_err(), "queue 0 not kicked");
+        // They survive a reset and serve the next activation.
+        wr(&mut t, REG_STATUS, 0);
+        setup(&mut t, VIRTIO_F_VERSION_1);
+        wr(&mut t, REG_STATUS, ALL_OK | status::DRIVER_OK);
+        wr(&mut t, REG_QUEUE_NOTIFY, 0);
+        assert_eq!(ours[0].read().unwrap(), 1);
     }
 
     #[test]

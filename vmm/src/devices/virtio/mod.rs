@@ -5,7 +5,8 @@
 //!   the interrupt status register. It is driven by the vCPU thread through `BusDevice`.
 //! - When the driver sets DRIVER_OK, the transport calls [`VirtioDevice::activate`] with the
 //!   ready queues, one `EventFd` per queue (written by the transport on QueueNotify) and an
-//!   [`Interrupt`]. The device then processes its queues on a worker thread of its own.
+//!   [`Interrupt`]. The device then processes its queues on a worker thread of its own (or,
+//!   for vhost-user devices, hands them to another process).
 //! - Everything in a queue is written by the guest and is hostile: devices bounds-check every
 //!   descriptor and turn malformed chains into a device error, never a panic.
 
@@ -13,6 +14,7 @@ pub mod interrupt;
 pub mod mmio;
 
 pub mod block;
+pub mod fs;
 pub mod rng;
 pub mod vsock;
 // Worker-thread plumbing shared by the devices above.
@@ -33,6 +35,7 @@ pub mod device_type {
     pub const BLOCK: u32 = 2;
     pub const RNG: u32 = 4;
     pub const VSOCK: u32 = 19;
+    pub const FS: u32 = 26;
 }
 
 /// Error raised by a device when it is activated.
