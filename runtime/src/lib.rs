@@ -1,3 +1,22 @@
-//! Host side of husk: the runc-compatible `husk` CLI and `containerd-shim-husk-v2`.
+//! Host side of husk: the library behind the runc-compatible `husk` CLI (see
+//! `docs/cli.md`), and later the containerd shim.
 //!
-//! Both arrive in their own issues; this crate exists so that the workspace layout is final.
+//! The modules here hold host-side logic that can be tested without a VM: container ids,
+//! the state store, the configuration file, VM sizing, signals, hooks, the console socket,
+//! the default spec, the features document and the rootfs image. The binary (`src/main.rs`,
+//! `src/cli/`) drives them and the per-container monitor.
+
+pub mod bundle;
+pub mod config;
+pub mod console;
+pub mod exit;
+pub mod features;
+pub mod hooks;
+pub mod id;
+pub mod process;
+pub mod rootfs_image;
+pub mod signal;
+pub mod sizing;
+pub mod spec_default;
+pub mod state;
+pub mod time;

@@ -4,6 +4,7 @@
 
 pub mod guest_image;
 pub mod host;
+pub mod husk_cli;
 pub mod proc_stats;
 pub mod rootfs;
 pub mod vm;

@@ -1,0 +1,545 @@
+//! The per-container monitor: the host process that lives exactly as long as the
+//! container. `create` starts it (`husk __monitor`, inheriting the caller's stdio);
+//! a foreground `run` runs it in its own process.
+//!
+//! It holds the VMM (in-process: `husk_vmm::vm::run` on a thread of its own, so the VM dies
+//! with the monitor and no separate VMM process can be left behind), creates the container
+//! through the guest agent, relays the container's stdio, reports "created" to `create`
+//! over a pipe, forwards the signals it receives to the container's init, and exits with
+//! the container's exit code (128+n for a signal, see `husk_runtime::exit`).
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::FromRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use husk_protocol::agent::{
+    BlockRootfs, CreateContainerRequest, CreateSandboxRequest, DirectoryRootfs, Rootfs,
+    SandboxMount,
+};
+use husk_protocol::client::{AgentClient, Target, connect_with_retry};
+use husk_runtime::bundle::{self, Bundle};
+use husk_runtime::config::Config;
+use husk_runtime::process::ProcessIdentity;
+use husk_runtime::state::{
+    ContainerState, ExitRecord, FS_SOCKET, ROOTFS_IMAGE, RootfsMode, StateStore, Status, VM_SOCKET,
+};
+use husk_runtime::{console, exit, hooks, rootfs_image};
+use husk_vmm::stop::StopReason;
+use tokio::signal::unix::{SignalKind, signal};
+
+use super::relay::{self, Relay, TerminalHost};
+use super::{FAILURE, GlobalOpts, oci_state};
+
+/// virtio-blk serial of the rootfs image, and the virtio-fs tag of the shared rootfs.
+const ROOTFS_SERIAL: &str = "rootfs";
+const ROOTFS_TAG: &str = "rootfs";
+/// Stream id prefix of the init's stdio.
+const INIT_STREAMS: &str = "init";
+/// How long output may keep flowing after the init exited.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Args, Debug)]
+pub struct MonitorArgs {
+    /// Pipe to report "created" (or the error) on.
+    #[arg(long)]
+    pub ready_fd: Option<i32>,
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    pub id: String,
+}
+
+/// How the monitor was started.
+#[derive(Debug, Clone, Default)]
+pub struct MonitorOptions {
+    pub console_socket: Option<PathBuf>,
+    /// A terminal uses our own stdin/stdout (foreground `run`).
+    pub terminal_on_own_stdio: bool,
+}
+
+/// Entry point of `husk __monitor`.
+pub fn main(g: &GlobalOpts, args: MonitorArgs) -> i32 {
+    // SAFETY: `create` passed us the write end of its pipe under this number; nothing
+    // else in this process owns it.
+    let mut ready = args.ready_fd.map(|fd| unsafe { File::from_raw_fd(fd) });
+    // Children (virtiofsd, hooks) must not inherit it: `create` waits for its end-of-file.
+    if let Some(r) = &ready {
+        let _ = nix::fcntl::fcntl(
+            r,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        );
+    }
+    let opts = MonitorOptions {
+        console_socket: args.console_socket,
+        terminal_on_own_stdio: false,
+    };
+    match Monitor::setup(g, &args.id, &opts) {
+        Ok(m) => {
+            if let Some(r) = ready.as_mut() {
+                let _ = r.write_all(b"OK\n");
+            }
+            drop(ready);
+            m.wait()
+        }
+        Err(e) => {
+            let msg = format!("{e:#}");
+            tracing::error!("create failed: {msg}");
+            if let Some(r) = ready.as_mut() {
+                let _ = writeln!(r, "ERR {}", msg.replace('\n', " "));
+            }
+            FAILURE
+        }
+    }
+}
+
+/// A created container and everything that keeps it alive.
+pub struct Monitor {
+    store: StateStore,
+    id: String,
+    agent_id: String,
+    rt: tokio::runtime::Runtime,
+    client: AgentClient,
+    relay: Relay,
+    vmm_done: tokio::sync::oneshot::Receiver<Result<StopReason, String>>,
+    virtiofsd: Option<Child>,
+}
+
+impl Monitor {
+    /// Boots the VM and creates the container (held, not started).
+    pub fn setup(g: &GlobalOpts, id: &str, opts: &MonitorOptions) -> Result<Self> {
+        let store = StateStore::new(&g.root);
+        let me = ProcessIdentity::current().context("reading our own /proc/self/stat")?;
+        let mut st = update(&store, id, |st| st.monitor = Some(me))?;
+        let config = Config::load()?;
+        let bundle = Bundle::load(&st.bundle)?;
+        let dir = store.dir(id)?;
+        let vm_socket = store.socket_path(id, VM_SOCKET)?;
+        let _ = std::fs::remove_file(&vm_socket);
+
+        // The rootfs: an image, or virtiofsd sharing the directory.
+        let mut vmm_args: Vec<String> = Vec::new();
+        let mut virtiofsd = None;
+        match st.rootfs_mode {
+            RootfsMode::Block => {
+                let image = dir.join(ROOTFS_IMAGE);
+                rootfs_image::build(&bundle.rootfs, &image)?;
+                vmm_args.push("--block".into());
+                vmm_args.push(format!(
+                    "path={},ro=on,serial={ROOTFS_SERIAL}",
+                    path_arg(&image)?
+                ));
+            }
+            RootfsMode::Virtiofs => {
+                let socket = store.socket_path(id, FS_SOCKET)?;
+                let child = spawn_virtiofsd(&config, &bundle.rootfs, &socket)?;
+                let ident = ProcessIdentity::of(child.id() as i32);
+                virtiofsd = Some(child);
+                st = update(&store, id, |st| st.virtiofsd = ident)?;
+                vmm_args.push("--fs".into());
+                vmm_args.push(format!("socket={},tag={ROOTFS_TAG}", path_arg(&socket)?));
+            }
+        }
+        let vm_config = vm_config(&config, &st, &vm_socket, vmm_args)?;
+
+        let (tx, vmm_done) = tokio::sync::oneshot::channel();
+        let started = Instant::now();
+        std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || {
+                let result = husk_vmm::vm::run(&vm_config, started).map_err(|e| {
+                    let mut msg = e.to_string();
+                    let mut src = std::error::Error::source(&e);
+                    while let Some(s) = src {
+                        msg.push_str(&format!(": {s}"));
+                        src = s.source();
+                    }
+                    msg
+                });
+                let _ = tx.send(result);
+            })
+            .context("starting the VMM thread")?;
+
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let target = Target::hybrid_vsock(&vm_socket);
+        let (client, vmm_done) = rt.block_on(async {
+            let mut vmm_done = vmm_done;
+            let deadline = Instant::now() + Duration::from_secs(config.boot_timeout_secs);
+            let client = tokio::select! {
+                c = connect_with_retry(&target, deadline) => c.context("waiting for the VM's agent")?,
+                r = &mut vmm_done => bail!("the VM stopped before its agent answered: {}", describe_stop(r)),
+            };
+            // Container creation forks and mounts in a guest that may be slow (nested PVM,
+            // a loaded host): the boot timeout bounds the set-up calls too.
+            let client = client.with_rpc_timeout(Duration::from_secs(config.boot_timeout_secs));
+            anyhow::Ok((client, vmm_done))
+        })?;
+
+        // Sandbox, then the container.
+        let mut sandbox = CreateSandboxRequest::new();
+        if st.rootfs_mode == RootfsMode::Virtiofs {
+            let mut m = SandboxMount::new();
+            m.name = "rootfs".into();
+            m.source = ROOTFS_TAG.into();
+            m.fstype = "virtiofs".into();
+            sandbox.mounts.push(m);
+        }
+        let sandbox_dir = rt
+            .block_on(client.create_sandbox(&sandbox))
+            .context("setting up the sandbox in the VM")?
+            .sandbox_dir;
+        let mut rootfs = Rootfs::new();
+        match st.rootfs_mode {
+            RootfsMode::Block => {
+                let mut b = BlockRootfs::new();
+                b.serial = ROOTFS_SERIAL.into();
+                b.fstype = "ext4".into();
+                b.read_only = true;
+                rootfs.set_block(b);
+            }
+            RootfsMode::Virtiofs => {
+                let mut d = DirectoryRootfs::new();
+                d.path = format!("{sandbox_dir}/mounts/rootfs");
+                d.overlay = false;
+                rootfs.set_directory(d);
+            }
+        }
+        let (guest_spec, warnings) = bundle::guest_spec(&bundle.raw);
+        for w in warnings {
+            tracing::warn!("{w}");
+        }
+        let ids = relay::stream_ids(INIT_STREAMS, st.terminal);
+        let mut req = CreateContainerRequest::new();
+        req.container_id = st.agent_id.clone();
+        req.oci_spec_json = guest_spec.to_string().into_bytes();
+        req.rootfs = Some(rootfs).into();
+        req.stdio = Some(ids.clone()).into();
+        req.terminal = st.terminal;
+        let created = rt
+            .block_on(client.create_container(&req))
+            .context("creating the container in the VM")?;
+
+        let terminal_host = if st.terminal {
+            match (&opts.console_socket, opts.terminal_on_own_stdio) {
+                (Some(sock), _) => {
+                    let pty = console::open_pty()?;
+                    console::send_fd(sock, &pty.name, &pty.master)?;
+                    Some(TerminalHost::PtySlave(pty.slave))
+                }
+                (None, true) => Some(TerminalHost::OwnStdio),
+                (None, false) => bail!("process.terminal is set but no --console-socket was given"),
+            }
+        } else {
+            None
+        };
+        let relay = rt.block_on(relay::start(&target, &ids, terminal_host))?;
+        if let Some(fd) = relay.winsize_fd
+            && let Some((rows, cols)) = relay::winsize(fd)
+        {
+            let _ = rt.block_on(client.tty_win_resize(&st.agent_id, "", rows.into(), cols.into()));
+        }
+
+        let st = update(&store, id, |st| {
+            st.status = Status::Created;
+            st.guest_pid = Some(created.pid);
+        })?;
+        run_create_hooks(&bundle, &st)?;
+        tracing::info!(id, guest_pid = created.pid, "container created");
+        Ok(Monitor {
+            store,
+            id: id.to_owned(),
+            agent_id: st.agent_id.clone(),
+            rt,
+            client: client.with_rpc_timeout(Duration::from_secs(30)),
+            relay,
+            vmm_done,
+            virtiofsd,
+        })
+    }
+
+    /// StartContainer (foreground `run`; otherwise `husk start` does it).
+    pub fn start(&self) -> Result<()> {
+        self.rt
+            .block_on(self.client.start_container(&self.agent_id))
+            .context("starting the container")?;
+        update(&self.store, &self.id, |st| st.status = Status::Running)?;
+        Ok(())
+    }
+
+    /// Waits for the init to exit (forwarding signals meanwhile), shuts the VM down and
+    /// returns the exit code.
+    pub fn wait(mut self) -> i32 {
+        let outcome = self.rt.block_on(wait_for_exit(
+            &self.client,
+            &self.agent_id,
+            "",
+            Some(&mut self.vmm_done),
+            self.relay.winsize_fd,
+        ));
+        let (code, record) = match outcome {
+            Ok(Some(rec)) => (exit::code(rec.exit_code, rec.signal), Some(rec)),
+            Ok(None) => {
+                tracing::error!("the VM stopped before the container exited");
+                (FAILURE, None)
+            }
+            Err(e) => {
+                tracing::error!("waiting for the container: {e:#}");
+                (FAILURE, None)
+            }
+        };
+        if !self.relay.wait_drained(DRAIN_TIMEOUT) {
+            tracing::warn!("container output did not end within {DRAIN_TIMEOUT:?} of its exit");
+        }
+        // A delete may hold the lock while it waits for us: do not wait long for it.
+        if let Ok(lock) = self.store.lock_timeout(&self.id, Duration::from_secs(1))
+            && let Ok(mut st) = self.store.load(&lock)
+        {
+            st.status = Status::Stopped;
+            st.exit = record;
+            let _ = self.store.save(&lock, &st);
+        }
+        self.shutdown();
+        code
+    }
+
+    /// Stops virtiofsd; the VM ends with this process. No orderly power-off: callers such
+    /// as podman wait only a few seconds for this pid after the container died, and nothing
+    /// in the guest needs flushing (virtio-fs writes go through to virtiofsd at once; in
+    /// block mode the image is read-only and the overlay is a tmpfs).
+    fn shutdown(&mut self) {
+        if let Ok(r) = self.vmm_done.try_recv() {
+            tracing::info!("VM stopped: {}", describe_stop(Ok(r)));
+        }
+        if let Some(mut child) = self.virtiofsd.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn describe_stop(
+    r: Result<Result<StopReason, String>, tokio::sync::oneshot::error::RecvError>,
+) -> String {
+    match r {
+        Ok(Ok(reason)) => reason.label(),
+        Ok(Err(e)) => e,
+        Err(_) => "the VMM thread ended without a result".into(),
+    }
+}
+
+/// Waits for the exit of the init (`exec_id` empty) or an exec'd process, forwarding the
+/// signals we receive to it and following the terminal's window size. `Ok(None)`: the VM
+/// went away first.
+pub async fn wait_for_exit(
+    client: &AgentClient,
+    agent_id: &str,
+    exec_id: &str,
+    vmm_done: Option<&mut tokio::sync::oneshot::Receiver<Result<StopReason, String>>>,
+    winsize_fd: Option<i32>,
+) -> Result<Option<ExitRecord>> {
+    let kinds = [
+        SignalKind::terminate(),
+        SignalKind::interrupt(),
+        SignalKind::hangup(),
+        SignalKind::quit(),
+        SignalKind::user_defined1(),
+        SignalKind::user_defined2(),
+    ];
+    let mut streams = Vec::new();
+    for k in kinds {
+        streams.push((
+            k.as_raw_value(),
+            signal(k).context("installing signal handlers")?,
+        ));
+    }
+    let (sig_tx, mut sig_rx) = tokio::sync::mpsc::unbounded_channel::<i32>();
+    for (num, mut s) in streams {
+        let tx = sig_tx.clone();
+        tokio::spawn(async move {
+            while s.recv().await.is_some() {
+                if tx.send(num).is_err() {
+                    break;
+                }
+            }
+        });
+    }
+    let wait = client.wait_process(agent_id, exec_id);
+    tokio::pin!(wait);
+    let vm_gone = async {
+        match vmm_done {
+            Some(r) => describe_stop(r.await),
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(vm_gone);
+    let mut tick = tokio::time::interval(Duration::from_millis(300));
+    let mut last_size = winsize_fd.and_then(relay::winsize);
+    loop {
+        tokio::select! {
+            r = &mut wait => {
+                let r = r.context("WaitProcess")?;
+                return Ok(Some(ExitRecord { exit_code: r.exit_code, signal: r.signal }));
+            }
+            why = &mut vm_gone => {
+                tracing::error!("VM stopped: {why}");
+                return Ok(None);
+            }
+            Some(sig) = sig_rx.recv() => {
+                tracing::info!("forwarding signal {sig} to the container");
+                if let Err(e) = client.signal_process(agent_id, exec_id, sig, false).await {
+                    tracing::warn!("forwarding signal {sig}: {e}");
+                }
+            }
+            _ = tick.tick(), if winsize_fd.is_some() => {
+                let now = winsize_fd.and_then(relay::winsize);
+                if now != last_size {
+                    if let Some((rows, cols)) = now {
+                        let _ = client.tty_win_resize(agent_id, exec_id, rows.into(), cols.into()).await;
+                    }
+                    last_size = now;
+                }
+            }
+        }
+    }
+}
+
+/// Loads, changes and saves the state under the container's lock.
+pub fn update(
+    store: &StateStore,
+    id: &str,
+    change: impl FnOnce(&mut ContainerState),
+) -> Result<ContainerState> {
+    let lock = store.lock(id)?;
+    let mut st = store.load(&lock)?;
+    change(&mut st);
+    store.save(&lock, &st)?;
+    Ok(st)
+}
+
+fn path_arg(p: &Path) -> Result<String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))?;
+    if s.contains(',') {
+        bail!("path {s} contains a comma, which the VMM's device syntax cannot carry");
+    }
+    Ok(s.to_owned())
+}
+
+/// The VMM configuration, built through the VMM's own argument parser so that its
+/// validation applies unchanged.
+fn vm_config(
+    config: &Config,
+    st: &ContainerState,
+    vm_socket: &Path,
+    devices: Vec<String>,
+) -> Result<husk_vmm::config::VmConfig> {
+    let mut args: Vec<String> = vec![
+        "husk-vmm".into(),
+        "--kernel".into(),
+        path_arg(&config.kernel_path()?)?,
+        "--initramfs".into(),
+        path_arg(&config.initramfs_path()?)?,
+        "--memory-mib".into(),
+        st.memory_mib.to_string(),
+        "--vcpus".into(),
+        st.vcpus.to_string(),
+        "--vsock-uds".into(),
+        path_arg(vm_socket)?,
+        "--cpu-template".into(),
+        config.cpu_template.clone(),
+    ];
+    args.extend(devices);
+    if let Some(console) = &config.guest_console {
+        args.push("--console".into());
+        args.push(format!("file:{}", path_arg(console)?));
+    }
+    if !config.kernel_cmdline.is_empty() {
+        args.push(format!("--cmdline={}", config.kernel_cmdline));
+    }
+    let cli = <husk_vmm::config::Cli as clap::Parser>::try_parse_from(&args)
+        .map_err(|e| anyhow!("VM configuration: {}", e.to_string().trim()))?;
+    cli.into_vm_config().context("VM configuration")
+}
+
+/// Starts virtiofsd sharing `dir` on `socket`. It dies with the monitor (PDEATHSIG), and
+/// its pid is recorded so `delete` can kill it if it outlives a SIGKILLed monitor anyway.
+fn spawn_virtiofsd(config: &Config, dir: &Path, socket: &Path) -> Result<Child> {
+    let bin = config.virtiofsd_path().ok_or_else(|| {
+        anyhow!(
+            "rootfs_mode = \"virtiofs\" needs virtiofsd: install it (`cargo install virtiofsd`, needs libseccomp-dev and libcap-ng-dev) or set `virtiofsd` in {}",
+            config.source
+        )
+    })?;
+    let _ = std::fs::remove_file(socket);
+    let log = socket.with_file_name("virtiofsd.log");
+    let log_file = File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = Command::new(&bin);
+    cmd.arg("--socket-path")
+        .arg(socket)
+        .arg("--shared-dir")
+        .arg(dir)
+        // virtiofsd's default namespace sandbox (husk runs as root): the guest must not
+        // reach host files outside the rootfs through it.
+        .args(["--cache", "auto", "--log-level", "warn"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file));
+    // Its own process group: a ^C meant for a foreground `husk run` (forwarded to the
+    // container) must not kill the file server under it.
+    std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !socket.exists() {
+        if let Some(status) = child.try_wait().context("waiting for virtiofsd")? {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            bail!(
+                "virtiofsd exited ({status}) before listening: {}",
+                text.trim()
+            );
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            bail!("virtiofsd did not create {} within 10 s", socket.display());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+/// prestart and createRuntime hooks (host side); createContainer is skipped with a warning.
+fn run_create_hooks(bundle: &Bundle, st: &ContainerState) -> Result<()> {
+    let Some(h) = bundle.spec.hooks() else {
+        return Ok(());
+    };
+    let state_json = serde_json::to_vec(&oci_state::document(st))?;
+    if let Some(list) = h.prestart() {
+        hooks::run("prestart", list, &state_json)?;
+    }
+    if let Some(list) = h.create_runtime() {
+        hooks::run("createRuntime", list, &state_json)?;
+    }
+    if h.create_container().as_ref().is_some_and(|l| !l.is_empty()) {
+        tracing::warn!(
+            "createContainer hooks are not run: they would have to run inside the VM, where host binaries are not available"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,243 @@
+//! The `husk` CLI driven like runc's callers drive runc, on one container (one VM boot):
+//! create → state created → duplicate create refused → start → running → exec → ps →
+//! pause/resume → update → events --stats → kill → stopped → delete (twice), with the pid
+//! file and host-side hooks.
+
+use std::time::Duration;
+
+use husk_tests::GuestImage;
+use husk_tests::host::skip_without_kvm;
+use husk_tests::husk_cli::{Bundle, Husk, pid_alive, spec};
+use serde_json::json;
+
+/// The read-only image mode needs no virtiofsd; cli_virtiofs covers the default mode.
+const BLOCK_MODE: &str = "rootfs_mode = \"block\"";
+
+const STEP: Duration = Duration::from_secs(120);
+
+#[test]
+fn full_lifecycle_in_one_vm() {
+    if skip_without_kvm("full_lifecycle_in_one_vm") {
+        return;
+    }
+    let image = match GuestImage::locate_or_build() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("SKIPPED full_lifecycle_in_one_vm: no guest image: {e:#}");
+            return;
+        }
+    };
+    let husk = Husk::new(&Husk::guest_config(&image, BLOCK_MODE)).expect("husk test setup");
+    let hook_log = husk.dir().join("hooks.log");
+    let hook = |name: &str| json!({"path": "/bin/sh", "args": ["sh", "-c", format!("echo {name} $(cat) >> {}", hook_log.display())]});
+    let mut config = spec(
+        &[
+            "sh",
+            "-c",
+            "echo init-out; read line; echo init-got-$line; sleep 1000",
+        ],
+        true,
+    );
+    config["hooks"] = json!({
+        "createRuntime": [hook("createRuntime")],
+        "poststart": [hook("poststart")],
+        "poststop": [hook("poststop")],
+    });
+    let bundle = Bundle::busybox(husk.dir(), "bundle", &config).expect("bundle");
+    let pid_file = husk.dir().join("life.pid");
+    let pid_file_s = pid_file.to_str().expect("utf-8 path");
+
+    // create
+    let created = husk
+        .spawn_to_files(
+            "create",
+            &[
+                "create",
+                "--bundle",
+                bundle.path(),
+                "--pid-file",
+                pid_file_s,
+                "life",
+            ],
+        )
+        .expect("husk create");
+    assert_eq!(
+        created.code,
+        Some(0),
+        "create failed: {}\n{}",
+        created.stderr(),
+        husk.monitor_log("life")
+    );
+    let st = husk.state("life").expect("state after create");
+    assert_eq!(st["status"], "created", "{st}");
+    assert_eq!(st["id"], "life");
+    assert_eq!(st["ociVersion"], "1.0.2");
+    let pid: i64 = std::fs::read_to_string(&pid_file)
+        .expect("pid file written")
+        .trim()
+        .parse()
+        .expect("pid file holds a number");
+    assert_eq!(st["pid"], pid, "state pid is the pid file's");
+    assert!(pid_alive(pid), "monitor {pid} runs");
+    assert!(st["bundle"].as_str().unwrap().ends_with("/bundle"), "{st}");
+    let hooks = std::fs::read_to_string(&hook_log).expect("createRuntime hook ran");
+    assert!(hooks.starts_with("createRuntime {"), "{hooks}");
+    assert!(
+        hooks.contains("\"id\":\"life\""),
+        "hook got the state JSON: {hooks}"
+    );
+
+    // a second create with the same id is refused without booting anything
+    let dup = husk
+        .spawn_to_files("dup", &["create", "--bundle", bundle.path(), "life"])
+        .expect("duplicate create");
+    assert_eq!(dup.code, Some(1));
+    assert!(dup.stderr().contains("already exists"), "{}", dup.stderr());
+
+    // start
+    let o = husk.output(&["start", "life"]).expect("start");
+    assert!(
+        o.status.success(),
+        "start: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(husk.state("life").unwrap()["status"], "running");
+    let hooks = std::fs::read_to_string(&hook_log).unwrap();
+    assert!(hooks.contains("poststart {"), "{hooks}");
+    let o = husk.output(&["start", "life"]).expect("second start");
+    assert!(
+        !o.status.success(),
+        "starting a running container must fail"
+    );
+
+    // exec, with its own exit code and output
+    let o = husk
+        .output(&[
+            "exec",
+            "--env",
+            "X=42",
+            "life",
+            "sh",
+            "-c",
+            "echo exec-out-$X; exit 5",
+        ])
+        .expect("exec");
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "exec: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "exec-out-42\n");
+
+    // ps
+    let o = husk
+        .output(&["ps", "--format", "json", "life"])
+        .expect("ps");
+    assert!(
+        o.status.success(),
+        "ps: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let pids: Vec<u32> = serde_json::from_slice(&o.stdout).expect("ps json");
+    assert!(!pids.is_empty(), "the init is listed");
+
+    // pause / resume
+    let o = husk.output(&["pause", "life"]).expect("pause");
+    assert!(
+        o.status.success(),
+        "pause: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(husk.state("life").unwrap()["status"], "paused");
+    let o = husk.output(&["resume", "life"]).expect("resume");
+    assert!(
+        o.status.success(),
+        "resume: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(husk.state("life").unwrap()["status"], "running");
+
+    // update and events --stats reach the container's cgroup in the guest
+    let o = husk
+        .output(&["update", "--pids-limit", "50", "--memory", "64m", "life"])
+        .expect("update");
+    assert!(
+        o.status.success(),
+        "update: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let o = husk.output(&["events", "--stats", "life"]).expect("events");
+    assert!(
+        o.status.success(),
+        "events: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let ev: serde_json::Value = serde_json::from_slice(&o.stdout).expect("stats event JSON");
+    assert_eq!(ev["type"], "stats");
+    assert_eq!(ev["id"], "life");
+    assert_eq!(ev["data"]["pids"]["limit"], 50, "{ev}");
+    assert_eq!(ev["data"]["memory"]["usage"]["limit"], 64 << 20, "{ev}");
+
+    // the init's output reached the monitor's stdout (the create command's stdout file)
+    let deadline = std::time::Instant::now() + STEP;
+    while !created.stdout().contains("init-out") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        created.stdout().contains("init-out"),
+        "{:?}",
+        created.stdout()
+    );
+    // stdin was /dev/null: `read` hit end-of-file at once
+    assert!(
+        created.stdout().contains("init-got-\n"),
+        "{:?}",
+        created.stdout()
+    );
+
+    // kill → stopped, the monitor is gone
+    let o = husk.output(&["kill", "life", "KILL"]).expect("kill");
+    assert!(
+        o.status.success(),
+        "kill: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let st = husk
+        .wait_status("life", "stopped", STEP)
+        .expect("stopped after kill");
+    assert_eq!(st["pid"], 0);
+    let deadline = std::time::Instant::now() + STEP;
+    while pid_alive(pid) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(!pid_alive(pid), "monitor {pid} exited with the container");
+    let o = husk.output(&["kill", "life"]).expect("kill stopped");
+    assert!(!o.status.success(), "killing a stopped container fails");
+
+    // delete removes everything; again it fails, and with --force it is a no-op
+    let o = husk.output(&["delete", "life"]).expect("delete");
+    assert!(
+        o.status.success(),
+        "delete: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        !husk.root().join("life").exists(),
+        "state directory removed"
+    );
+    let hooks = std::fs::read_to_string(&hook_log).unwrap();
+    assert!(hooks.contains("poststop {"), "{hooks}");
+    assert!(hooks.contains("\"status\":\"stopped\""), "{hooks}");
+    let o = husk.output(&["state", "life"]).expect("state after delete");
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+    let o = husk.output(&["delete", "life"]).expect("second delete");
+    assert_eq!(o.status.code(), Some(1));
+    let o = husk
+        .output(&["delete", "--force", "life"])
+        .expect("forced delete");
+    assert!(o.status.success());
+    let o = husk.output(&["list", "--format", "json"]).expect("list");
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "[]");
+}
