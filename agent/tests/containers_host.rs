@@ -609,12 +609,13 @@ async fn stdio_terminal_is_a_pty_and_resize_reaches_it() {
     let agent = AgentProcess::spawn();
     let client = agent.connect().await;
     let rootfs = BusyboxRootfs::new();
-    // The pty comes from the agent's devpts; binding that in lets `tty` name it.
-    let mut s = with_bind(
-        sh("tty; stty size; read line; echo got $line; stty size; exit 3"),
-        std::path::Path::new("/dev/pts"),
-        "/dev/pts",
-    );
+    // The container has a devpts of its own, as OCI specs usually ask; the pty comes
+    // from the agent's, and is bound at /dev/console so that `tty` can name it.
+    let mut s = sh("tty; stty size; read line; echo got $line; stty size; exit 3");
+    s["mounts"].as_array_mut().expect("mounts").push(json!({
+        "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+        "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+    }));
     s["process"]["terminal"] = json!(true);
     let mut req = create_request("tty", &s, &rootfs.path(), false);
     req.terminal = true;
@@ -631,7 +632,7 @@ async fn stdio_terminal_is_a_pty_and_resize_reaches_it() {
     read_until(&mut term, &mut seen, "24 80", WAIT).await;
     let text = String::from_utf8_lossy(&seen).into_owned();
     let first = text.lines().next().unwrap_or_default().trim_end();
-    assert!(first.starts_with("/dev/pts/"), "tty printed {text:?}");
+    assert_eq!(first, "/dev/console", "tty printed {text:?}");
 
     client
         .tty_win_resize("tty", "", 40, 100)
@@ -651,4 +652,58 @@ async fn stdio_terminal_is_a_pty_and_resize_reaches_it() {
         .expect_err("rows too big");
     assert_eq!(code(&err), Code::INVALID_ARGUMENT, "{err}");
     client.remove_container("tty").await.expect("remove");
+}
+
+#[tokio::test]
+async fn repeated_execs_stream_their_output_and_exit_codes() {
+    let agent = AgentProcess::spawn();
+    let client = agent.connect().await;
+    let rootfs = BusyboxRootfs::new();
+    let init = client
+        .create_container(&create_request(
+            "rep",
+            &spec(&["sleep", "1000"]),
+            &rootfs.path(),
+            false,
+        ))
+        .await
+        .expect("create")
+        .pid;
+    client.start_container("rep").await.expect("start");
+    for round in 0..4 {
+        let exec_id = format!("x{round}");
+        let out_id = format!("x{round}-out");
+        let mut req = exec_request(
+            "rep",
+            &exec_id,
+            &["sh", "-c", "echo pid1=$(cat /proc/1/comm); sleep 1; exit 7"],
+        );
+        req.stdio = Some(streams("", &out_id, "", "")).into();
+        let pid = client.exec_process(&req).await.expect("exec").pid;
+        let mut out = agent.attach(&out_id).await;
+        let pids = client.list_processes("rep").await.expect("list");
+        assert!(
+            pids.contains(&init) && pids.contains(&pid),
+            "round {round}: {pids:?}"
+        );
+        let text = read_to_end(&mut out, WAIT).await;
+        assert_eq!(
+            String::from_utf8_lossy(&text),
+            "pid1=sleep\n",
+            "round {round}"
+        );
+        let exit = wait(&client, "rep", &exec_id).await;
+        assert_eq!((exit.exit_code, exit.signal), (7, 0), "round {round}");
+        assert_eq!(
+            client.list_processes("rep").await.expect("list"),
+            vec![init],
+            "round {round}"
+        );
+    }
+    client
+        .signal_process("rep", "", libc::SIGKILL, false)
+        .await
+        .expect("kill");
+    wait(&client, "rep", "").await;
+    client.remove_container("rep").await.expect("remove");
 }

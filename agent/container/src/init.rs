@@ -277,6 +277,9 @@ fn container_process(plan: &ChildPlan<'_>, chan: &Channel) -> Result<Infallible>
         // SAFETY: plain syscall.
         let old = unsafe { libc::umask(0) };
         rootfs.prepare()?;
+        if matches!(plan.stdio, Stdio::Terminal(_)) {
+            rootfs.bind_console()?;
+        }
         rootfs.enter()?;
         rootfs.finish()?;
         // SAFETY: plain syscall.
@@ -285,6 +288,13 @@ fn container_process(plan: &ChildPlan<'_>, chan: &Channel) -> Result<Infallible>
     let process = plan.process;
     process.apply_limits()?;
     let program = process.find_program()?;
+    // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN, which set_identity
+    // usually drops: then install it now (as runc does), and the profile must allow the
+    // few calls that follow. With no_new_privs, as late as possible (below).
+    let early_seccomp = !process.no_new_privileges;
+    if early_seccomp && let Some(prog) = plan.seccomp {
+        crate::seccomp::install(prog).map_err(|e| Error::Seccomp(e.to_string()))?;
+    }
     process.set_identity()?;
     process.finish()?;
     if plan.hold {
@@ -298,7 +308,7 @@ fn container_process(plan: &ChildPlan<'_>, chan: &Channel) -> Result<Infallible>
         }
     }
     // Last: the filter may forbid the calls above.
-    if let Some(prog) = plan.seccomp {
+    if !early_seccomp && let Some(prog) = plan.seccomp {
         crate::seccomp::install(prog).map_err(|e| Error::Seccomp(e.to_string()))?;
     }
     Err(process.exec(&program))

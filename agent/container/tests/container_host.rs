@@ -505,6 +505,27 @@ fn user_namespace_with_id_maps() {
     assert!(out.contains("200000") && out.contains("65536"), "{out}");
 }
 
+/// podman's default: no no_new_privs and no CAP_SYS_ADMIN in the final sets. The filter
+/// must then go in before the capabilities are dropped (installing it needs the cap).
+#[test]
+fn seccomp_filter_without_no_new_privs_or_cap_sys_admin() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let rootfs = Rootfs::new();
+    let mut spec = base_spec("mkdir /tmp/a || echo denied");
+    let caps = json!(["CAP_CHOWN", "CAP_SETUID", "CAP_SETGID", "CAP_KILL"]);
+    spec["process"]["capabilities"] =
+        json!({"bounding": caps, "effective": caps, "permitted": caps});
+    spec["process"]["noNewPrivileges"] = json!(false);
+    spec["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
+        "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]});
+    let mut r = create(&rootfs, "seccomp-caps", &spec).unwrap();
+    r.container.start().unwrap();
+    assert!(matches!(wait_status(&r.exit), WaitStatus::Exited(_, 0)));
+    let mut out = String::new();
+    r.output.read_to_string(&mut out).unwrap();
+    assert!(out.contains("denied"), "{out}");
+}
+
 #[test]
 fn seccomp_filter_applies_to_init_and_exec() {
     let _g = EXCLUSIVE.read().unwrap();
