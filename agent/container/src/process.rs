@@ -235,9 +235,11 @@ impl ProcessPlan {
         capset(&c.effective, &c.permitted, &c.inheritable)?;
         caps::clear(None, CapSet::Ambient)
             .map_err(|e| Error::Setup(format!("clearing the ambient set: {e}")))?;
+        // The kernel raises an ambient capability only if it is also permitted and
+        // inheritable; specs often list ambient caps without inheritable ones (runc's
+        // default spec did). runc ignores those failures, and so do we.
         for &cap in &c.ambient {
-            caps::raise(None, CapSet::Ambient, cap)
-                .map_err(|e| Error::Setup(format!("raising ambient {cap}: {e}")))?;
+            let _ = caps::raise(None, CapSet::Ambient, cap);
         }
         Ok(())
     }

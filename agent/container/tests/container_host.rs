@@ -505,6 +505,24 @@ fn user_namespace_with_id_maps() {
     assert!(out.contains("200000") && out.contains("65536"), "{out}");
 }
 
+/// runc's default spec lists ambient capabilities without inheritable ones; the kernel
+/// refuses to raise those, and runc (so we too) goes on without them.
+#[test]
+fn ambient_caps_without_inheritable_are_skipped() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let rootfs = Rootfs::new();
+    let mut spec = base_spec("echo started");
+    let caps = json!(["CAP_KILL", "CAP_NET_BIND_SERVICE"]);
+    spec["process"]["capabilities"] =
+        json!({"bounding": caps, "effective": caps, "permitted": caps, "ambient": caps});
+    let mut r = create(&rootfs, "ambient", &spec).unwrap();
+    r.container.start().unwrap();
+    assert!(matches!(wait_status(&r.exit), WaitStatus::Exited(_, 0)));
+    let mut out = String::new();
+    r.output.read_to_string(&mut out).unwrap();
+    assert!(out.contains("started"), "{out}");
+}
+
 /// podman's default: no no_new_privs and no CAP_SYS_ADMIN in the final sets. The filter
 /// must then go in before the capabilities are dropped (installing it needs the cap).
 #[test]
