@@ -13,6 +13,8 @@ packages=(
   busybox-static e2fsprogs
   # building virtiofsd (the virtio-fs backend, below)
   libseccomp-dev libcap-ng-dev
+  # the containerd shim's tests (tests/tests/containerd_*.rs) start their own containerd
+  containerd
 )
 if [[ "${1:-}" == "--bench" ]]; then
   packages+=(qemu-system-x86)

@@ -2,6 +2,7 @@
 //! with `husk-vmm` and talks to their agent. Used by the integration tests in `tests/tests/`,
 //! the benchmarks in `tests/benches/` and the `husk-demo` binary.
 
+pub mod containerd;
 pub mod guest_image;
 pub mod host;
 pub mod husk_cli;

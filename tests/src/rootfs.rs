@@ -82,6 +82,12 @@ impl BusyboxImage {
         Ok(Self { dir })
     }
 
+    /// The staging directory the image was made from (a busybox rootfs for host-mode
+    /// agents and bundles).
+    pub fn root_dir(&self) -> PathBuf {
+        self.dir.path().join("rootfs")
+    }
+
     /// The ext4 image file.
     pub fn path(&self) -> PathBuf {
         self.dir.path().join("rootfs.ext4")

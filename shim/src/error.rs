@@ -1,0 +1,66 @@
+//! Task API errors and the ttrpc status codes containerd turns into its errdefs
+//! (NotFound, AlreadyExists, FailedPrecondition, NotImplemented, ...).
+
+use containerd_shim_protos::ttrpc::{self, Code};
+use husk_protocol::client::ClientError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ShimError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    InvalidArgument(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    #[error("{0}")]
+    Unimplemented(String),
+    /// A failed agent call; the agent's status code is kept.
+    #[error("{what}: {source}")]
+    Agent {
+        what: String,
+        #[source]
+        source: ClientError,
+    },
+    #[error("{0:#}")]
+    Internal(#[from] anyhow::Error),
+}
+
+impl ShimError {
+    pub fn agent(what: impl Into<String>) -> impl FnOnce(ClientError) -> ShimError {
+        let what = what.into();
+        move |source| ShimError::Agent { what, source }
+    }
+
+    fn code(&self) -> Code {
+        match self {
+            ShimError::NotFound(_) => Code::NOT_FOUND,
+            ShimError::AlreadyExists(_) => Code::ALREADY_EXISTS,
+            ShimError::InvalidArgument(_) => Code::INVALID_ARGUMENT,
+            ShimError::FailedPrecondition(_) => Code::FAILED_PRECONDITION,
+            ShimError::Unimplemented(_) => Code::UNIMPLEMENTED,
+            ShimError::Agent { source, .. } => source.rpc_code().unwrap_or(Code::UNAVAILABLE),
+            ShimError::Internal(_) => Code::INTERNAL,
+        }
+    }
+}
+
+impl From<ShimError> for ttrpc::Error {
+    fn from(e: ShimError) -> Self {
+        // The full chain: the agent's own "<what>: <why>" is the useful part.
+        let mut msg = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            let text = s.to_string();
+            if !msg.contains(&text) {
+                msg.push_str(": ");
+                msg.push_str(&text);
+            }
+            src = s.source();
+        }
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), msg))
+    }
+}
+
+pub type ShimResult<T> = Result<T, ShimError>;

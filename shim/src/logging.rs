@@ -1,0 +1,40 @@
+//! Logs go to containerd's log pipe: the FIFO `log` in the bundle (the shim's working
+//! directory), which containerd copies into its own log. Run by hand (no FIFO), to stderr.
+
+use std::fs::{File, OpenOptions};
+use std::os::unix::fs::OpenOptionsExt;
+use std::sync::Mutex;
+
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+
+use tracing_subscriber::EnvFilter;
+
+/// `HUSK_LOG` (a tracing filter) wins; else `debug` with containerd's `-debug`, else `info`.
+pub fn init(debug: bool) {
+    let filter = std::env::var("HUSK_LOG")
+        .ok()
+        .and_then(|f| EnvFilter::try_new(f).ok())
+        .unwrap_or_else(|| EnvFilter::new(if debug { "debug" } else { "info" }));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(false)
+        .with_target(false);
+    match open_log_fifo() {
+        Some(fifo) => builder.with_writer(Mutex::new(fifo)).init(),
+        None => builder.with_writer(std::io::stderr).init(),
+    }
+}
+
+/// containerd opens the read side before it starts us. Opening non-blocking fails at once
+/// (ENXIO) when no one reads, instead of hanging; writes then block as usual, so no line is
+/// dropped.
+fn open_log_fifo() -> Option<File> {
+    let fifo = OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("log")
+        .ok()?;
+    let flags = OFlag::from_bits_truncate(fcntl(&fifo, FcntlArg::F_GETFL).ok()?);
+    fcntl(&fifo, FcntlArg::F_SETFL(flags - OFlag::O_NONBLOCK)).ok()?;
+    Some(fifo)
+}

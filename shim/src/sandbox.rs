@@ -1,0 +1,347 @@
+//! The container's VM: husk-vmm run in this process (`husk_vmm::vm::run` on a thread of its
+//! own, as the `husk` CLI's monitor does), virtiofsd sharing the rootfs when the rootfs mode
+//! is `virtiofs`, and the agent client.
+//!
+//! In-process rather than a `husk-vmm` child: the VM cannot outlive the shim (containerd
+//! kills a shim it gives up on, and that must take the VM with it), and there is no second
+//! binary to find on containerd's PATH. The price: a VM that will not stop is only ended by
+//! the shim's exit, which is what happens after `Shutdown`.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use husk_protocol::agent::{
+    BlockRootfs, CreateSandboxRequest, DirectoryRootfs, Rootfs, SandboxMount,
+};
+use husk_protocol::client::{AgentClient, Target, connect_with_retry};
+use husk_runtime::config::Config;
+use husk_runtime::sizing::VmSize;
+use tokio::sync::watch;
+
+/// virtio-fs tag and sandbox mount name of a shared rootfs; virtio-blk serial of an image.
+const ROOTFS_TAG: &str = "rootfs";
+const ROOTFS_SERIAL: &str = "rootfs";
+const VM_SOCKET: &str = "vm.sock";
+const FS_SOCKET: &str = "fs.sock";
+const VIRTIOFSD_START_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How the rootfs directory reaches the guest.
+pub enum RootfsShare {
+    /// virtiofsd shares the directory; the container writes through to it.
+    Virtiofs { dir: PathBuf },
+    /// A read-only ext4 image (already built) with a tmpfs overlay in the guest.
+    Block { image: PathBuf },
+}
+
+/// A booted VM with its sandbox set up.
+pub struct Sandbox {
+    client: AgentClient,
+    target: Target,
+    rootfs: Rootfs,
+    stopped: watch::Receiver<Option<String>>,
+}
+
+impl Sandbox {
+    /// Boots the VM (sockets in `run_dir`), waits for its agent and creates the sandbox.
+    pub async fn boot(
+        config: &Config,
+        size: VmSize,
+        run_dir: &Path,
+        share: RootfsShare,
+    ) -> Result<Self> {
+        let vm_socket = run_dir.join(VM_SOCKET);
+        let _ = std::fs::remove_file(&vm_socket);
+        let mut devices = Vec::new();
+        let mut virtiofsd = None;
+        let rootfs = match &share {
+            RootfsShare::Virtiofs { dir } => {
+                let bin = config.virtiofsd_path().ok_or_else(|| {
+                    anyhow!(
+                        "rootfs_mode = \"virtiofs\" needs virtiofsd: install it (`cargo install virtiofsd`) or set `virtiofsd` in {}",
+                        config.source
+                    )
+                })?;
+                let socket = run_dir.join(FS_SOCKET);
+                devices.push("--fs".to_owned());
+                devices.push(format!("socket={},tag={ROOTFS_TAG}", path_arg(&socket)?));
+                virtiofsd = Some(Virtiofsd {
+                    bin,
+                    socket,
+                    dir: dir.clone(),
+                    log: run_dir.join("virtiofsd.log"),
+                });
+                None
+            }
+            RootfsShare::Block { image } => {
+                devices.push("--block".to_owned());
+                devices.push(format!(
+                    "path={},ro=on,serial={ROOTFS_SERIAL}",
+                    path_arg(image)?
+                ));
+                let mut b = BlockRootfs::new();
+                b.serial = ROOTFS_SERIAL.into();
+                b.fstype = "ext4".into();
+                b.read_only = true;
+                let mut r = Rootfs::new();
+                r.set_block(b);
+                Some(r)
+            }
+        };
+        let vm_config = vm_config(config, size, &vm_socket, devices)?;
+
+        let (tx, stopped) = watch::channel(None);
+        std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || {
+                let reason = run_vm(&vm_config, virtiofsd);
+                tracing::info!("VM stopped: {reason}");
+                let _ = tx.send(Some(reason));
+            })
+            .context("starting the VMM thread")?;
+
+        let target = Target::hybrid_vsock(&vm_socket);
+        let boot_timeout = Duration::from_secs(config.boot_timeout_secs);
+        let deadline = Instant::now() + boot_timeout;
+        let mut watch_stop = stopped.clone();
+        let client = tokio::select! {
+            c = connect_with_retry(&target, deadline) => c.context("waiting for the VM's agent")?,
+            r = watch_stop.wait_for(Option::is_some) => {
+                let why = r.ok().and_then(|v| v.clone()).unwrap_or_default();
+                bail!("the VM stopped before its agent answered: {why}");
+            }
+        };
+        // Container creation and exec fork and mount in a guest that may be slow (nested
+        // virtualization, a loaded host: 30 s seen): the boot timeout bounds every call.
+        // WaitProcess and GetOOMEvent have no deadline; DestroySandbox has its own.
+        let client = client.with_rpc_timeout(boot_timeout);
+        let mut sandbox = Self {
+            client,
+            target,
+            rootfs: Rootfs::new(),
+            stopped,
+        };
+        match sandbox.create_sandbox(rootfs).await {
+            Ok(r) => sandbox.rootfs = r,
+            Err(e) => {
+                sandbox.shutdown().await;
+                return Err(e);
+            }
+        }
+        Ok(sandbox)
+    }
+
+    async fn create_sandbox(&self, block_rootfs: Option<Rootfs>) -> Result<Rootfs> {
+        let mut req = CreateSandboxRequest::new();
+        if block_rootfs.is_none() {
+            let mut m = SandboxMount::new();
+            m.name = "rootfs".into();
+            m.source = ROOTFS_TAG.into();
+            m.fstype = "virtiofs".into();
+            req.mounts.push(m);
+        }
+        let sandbox_dir = self
+            .client
+            .create_sandbox(&req)
+            .await
+            .context("setting up the sandbox in the VM")?
+            .sandbox_dir;
+        Ok(block_rootfs.unwrap_or_else(|| {
+            let mut d = DirectoryRootfs::new();
+            d.path = format!("{sandbox_dir}/mounts/rootfs");
+            let mut r = Rootfs::new();
+            r.set_directory(d);
+            r
+        }))
+    }
+
+    pub fn client(&self) -> &AgentClient {
+        &self.client
+    }
+
+    /// Where the agent is (for stdio attaches).
+    pub fn target(&self) -> &Target {
+        &self.target
+    }
+
+    /// The container's rootfs as the agent sees it.
+    pub fn rootfs(&self) -> &Rootfs {
+        &self.rootfs
+    }
+
+    /// Waits until the VM has stopped and says why.
+    pub async fn stopped(&self) -> String {
+        let mut rx = self.stopped.clone();
+        match rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or_default(),
+            Err(_) => "the VMM thread ended without a result".into(),
+        }
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped.borrow().is_some()
+    }
+
+    /// Powers the VM off (the agent stops every process, syncs and resets the VM) and
+    /// waits for the VMM to return. Idempotent.
+    pub async fn shutdown(&self) {
+        if self.is_stopped() {
+            return;
+        }
+        let client = self.client.clone().with_rpc_timeout(Duration::from_secs(5));
+        if let Err(e) = client.destroy_sandbox().await {
+            tracing::warn!("DestroySandbox: {e}");
+        }
+        if tokio::time::timeout(STOP_TIMEOUT, self.stopped())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                "the VM did not stop within {STOP_TIMEOUT:?}; it ends when the shim exits"
+            );
+        }
+    }
+}
+
+/// virtiofsd to start before the VMM connects to it.
+struct Virtiofsd {
+    bin: PathBuf,
+    socket: PathBuf,
+    dir: PathBuf,
+    log: PathBuf,
+}
+
+/// Body of the VMM thread: virtiofsd (if any), then the VM until it stops. virtiofsd is
+/// spawned from this thread on purpose: its parent-death signal fires when the spawning
+/// thread ends, which is when the VM has stopped.
+fn run_vm(config: &husk_vmm::config::VmConfig, virtiofsd: Option<Virtiofsd>) -> String {
+    let mut child = None;
+    if let Some(spec) = virtiofsd {
+        match spawn_virtiofsd(&spec) {
+            Ok(c) => child = Some(c),
+            Err(e) => return format!("{e:#}"),
+        }
+    }
+    let reason = match husk_vmm::vm::run(config, Instant::now()) {
+        Ok(r) => r.label(),
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
+            }
+            format!("the VM could not run: {msg}")
+        }
+    };
+    if let Some(mut c) = child {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    reason
+}
+
+fn spawn_virtiofsd(spec: &Virtiofsd) -> Result<Child> {
+    let _ = std::fs::remove_file(&spec.socket);
+    let log =
+        File::create(&spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
+    let mut cmd = Command::new(&spec.bin);
+    cmd.arg("--socket-path")
+        .arg(&spec.socket)
+        .arg("--shared-dir")
+        .arg(&spec.dir)
+        // The shim already runs as root in containerd's namespaces; virtiofsd's own
+        // sandbox (namespaces, pivot_root) is left for later hardening.
+        .args([
+            "--cache",
+            "auto",
+            "--sandbox",
+            "none",
+            "--log-level",
+            "warn",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log));
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting {}", spec.bin.display()))?;
+    let deadline = Instant::now() + VIRTIOFSD_START_TIMEOUT;
+    while !spec.socket.exists() {
+        if let Some(status) = child.try_wait().context("waiting for virtiofsd")? {
+            let text = std::fs::read_to_string(&spec.log).unwrap_or_default();
+            bail!(
+                "virtiofsd exited ({status}) before listening: {}",
+                text.trim()
+            );
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!(
+                "virtiofsd did not create {} within {VIRTIOFSD_START_TIMEOUT:?}",
+                spec.socket.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+fn path_arg(p: &Path) -> Result<String> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))?;
+    if s.contains(',') {
+        bail!("path {s} contains a comma, which the VMM's device syntax cannot carry");
+    }
+    Ok(s.to_owned())
+}
+
+/// The VMM configuration, built through the VMM's own argument parser so that its checks
+/// apply unchanged.
+fn vm_config(
+    config: &Config,
+    size: VmSize,
+    vm_socket: &Path,
+    devices: Vec<String>,
+) -> Result<husk_vmm::config::VmConfig> {
+    let mut args: Vec<String> = vec![
+        "husk-vmm".into(),
+        "--kernel".into(),
+        path_arg(&config.kernel_path()?)?,
+        "--initramfs".into(),
+        path_arg(&config.initramfs_path()?)?,
+        "--memory-mib".into(),
+        size.memory_mib.to_string(),
+        "--vcpus".into(),
+        size.vcpus.to_string(),
+        "--vsock-uds".into(),
+        path_arg(vm_socket)?,
+        "--cpu-template".into(),
+        config.cpu_template.clone(),
+    ];
+    args.extend(devices);
+    if let Some(console) = &config.guest_console {
+        args.push("--console".into());
+        args.push(format!("file:{}", path_arg(console)?));
+    }
+    if !config.kernel_cmdline.is_empty() {
+        args.push(format!("--cmdline={}", config.kernel_cmdline));
+    }
+    let cli = <husk_vmm::config::Cli as clap::Parser>::try_parse_from(&args)
+        .map_err(|e| anyhow!("VM configuration: {}", e.to_string().trim()))?;
+    cli.into_vm_config().context("VM configuration")
+}

@@ -1,0 +1,254 @@
+//! A private containerd for the shim tests: Debian's `containerd` started with its own
+//! config, root, state and socket under a temp dir (the CRI plugin off), driven with `ctr`,
+//! and an OCI image tarball built from a rootfs directory for `ctr images import` (no
+//! registry).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::json;
+
+/// The containerd namespace the tests use.
+pub const NAMESPACE: &str = "husk-test";
+
+/// `containerd` and `ctr` on PATH, or why not.
+pub fn containerd_missing_reason() -> Option<String> {
+    for bin in ["containerd", "ctr"] {
+        if find_on_path(bin).is_none() {
+            return Some(format!(
+                "{bin} is not installed (Debian package `containerd`; scripts/install-deps.sh installs it)"
+            ));
+        }
+    }
+    None
+}
+
+pub fn find_on_path(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path)
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+}
+
+/// A running containerd; stopped (SIGTERM, then SIGKILL) and its folder removed on drop.
+pub struct Containerd {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Containerd {
+    /// Starts containerd with `extra_path` first on its PATH (where it finds shims) and
+    /// `env` in its environment (inherited by the shims).
+    pub fn start(extra_path: &[&Path], env: &[(&str, &Path)]) -> Result<Self> {
+        let dir = tempfile::Builder::new()
+            .prefix("husk-ctrd-")
+            .tempdir()
+            .context("creating the containerd test dir")?;
+        let d = dir.path();
+        let config = format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\n\
+             # The CRI plugin is not needed by ctr (and wants restrict_oom_score_adj here).\n\
+             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = {:?}\n",
+            d.join("root").display().to_string(),
+            d.join("state").display().to_string(),
+            d.join("containerd.sock").display().to_string(),
+        );
+        std::fs::write(d.join("config.toml"), config).context("writing config.toml")?;
+        let mut paths: Vec<PathBuf> = extra_path.iter().map(|p| p.to_path_buf()).collect();
+        if let Some(p) = std::env::var_os("PATH") {
+            paths.extend(std::env::split_paths(&p));
+        }
+        let log = std::fs::File::create(d.join("containerd.log")).context("containerd.log")?;
+        let mut cmd = Command::new("containerd");
+        cmd.arg("--config")
+            .arg(d.join("config.toml"))
+            .env("PATH", std::env::join_paths(paths).context("PATH")?)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn().context("starting containerd")?;
+        let mut c = Self { child, dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = c.child.try_wait().context("waiting for containerd")? {
+                bail!("containerd exited ({status}): {}", c.log_tail(40));
+            }
+            if c.ctr(&["version"])?.status.success() {
+                return Ok(c);
+            }
+            if Instant::now() >= deadline {
+                bail!("containerd did not answer within 30 s: {}", c.log_tail(40));
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn socket(&self) -> PathBuf {
+        self.dir.path().join("containerd.sock")
+    }
+
+    /// `ctr -a SOCKET -n husk-test ARGS`, bounded by `timeout` (coreutils), stdin /dev/null.
+    pub fn ctr_timeout(&self, timeout: Duration, args: &[&str]) -> Result<Output> {
+        Command::new("timeout")
+            .args(["--kill-after=10", &format!("{}", timeout.as_secs())])
+            .arg("ctr")
+            .arg("-a")
+            .arg(self.socket())
+            .args(["-n", NAMESPACE])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running ctr {args:?}"))
+    }
+
+    pub fn ctr(&self, args: &[&str]) -> Result<Output> {
+        self.ctr_timeout(Duration::from_secs(60), args)
+    }
+
+    /// The last `lines` lines of containerd's log (shim logs included).
+    pub fn log_tail(&self, lines: usize) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("containerd.log")).unwrap_or_default();
+        let all: Vec<&str> = text.lines().collect();
+        all[all.len().saturating_sub(lines)..].join("\n")
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        // Shims outlive containerd by design: remove every task first (a failed test may
+        // leave one running, with its VM).
+        if let Ok(out) = self.ctr(&["tasks", "ls", "-q"]) {
+            for id in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = self.ctr(&["tasks", "delete", "--force", id]);
+            }
+        }
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: signalling our own child by its pid.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Builds an OCI image layout tarball (one uncompressed layer holding `rootfs`, an amd64
+/// linux config, a manifest and an index naming the image `name`) at `out`, with `tar` and
+/// `sha256sum` from coreutils/GNU tar.
+pub fn build_oci_image(rootfs: &Path, name: &str, work: &Path, out: &Path) -> Result<()> {
+    let layout = work.join("oci");
+    let blobs = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
+    let layer = work.join("layer.tar");
+    run(Command::new("tar")
+        .arg("--numeric-owner")
+        .arg("-C")
+        .arg(rootfs)
+        .arg("-cf")
+        .arg(&layer)
+        .arg("."))?;
+    let (layer_digest, layer_size) = add_blob(&blobs, &std::fs::read(&layer)?)?;
+    let config = json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
+    });
+    let (config_digest, config_size) = add_blob(&blobs, config.to_string().as_bytes())?;
+    let manifest = json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {
+            "mediaType": "application/vnd.oci.image.config.v1+json",
+            "digest": format!("sha256:{config_digest}"),
+            "size": config_size,
+        },
+        "layers": [{
+            "mediaType": "application/vnd.oci.image.layer.v1.tar",
+            "digest": format!("sha256:{layer_digest}"),
+            "size": layer_size,
+        }],
+    });
+    let (manifest_digest, manifest_size) = add_blob(&blobs, manifest.to_string().as_bytes())?;
+    let index = json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": format!("sha256:{manifest_digest}"),
+            "size": manifest_size,
+            "platform": {"architecture": "amd64", "os": "linux"},
+            "annotations": {"io.containerd.image.name": name},
+        }],
+    });
+    std::fs::write(layout.join("index.json"), index.to_string())?;
+    std::fs::write(
+        layout.join("oci-layout"),
+        r#"{"imageLayoutVersion":"1.0.0"}"#,
+    )?;
+    run(Command::new("tar")
+        .arg("-C")
+        .arg(&layout)
+        .arg("-cf")
+        .arg(out)
+        .arg("."))?;
+    Ok(())
+}
+
+/// Stores `bytes` as a blob; returns its hex sha256 and size.
+fn add_blob(blobs: &Path, bytes: &[u8]) -> Result<(String, usize)> {
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running sha256sum")?;
+    child
+        .stdin
+        .take()
+        .context("sha256sum stdin")?
+        .write_all(bytes)
+        .context("feeding sha256sum")?;
+    let out = child.wait_with_output().context("sha256sum")?;
+    let digest = String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+    if digest.len() != 64 {
+        bail!(
+            "sha256sum printed {:?}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    std::fs::write(blobs.join(&digest), bytes)?;
+    Ok((digest, bytes.len()))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,381 @@
+//! containerd runs containers in husk VMs through `containerd-shim-husk-v2`: a private
+//! Debian containerd (own config, root, state and socket), an image imported from an OCI
+//! tarball built from the busybox rootfs, and `ctr` as the client.
+//!
+//! - `ctr run --rm`: the output comes back, the exit code is the container's, and the
+//!   container ran under the guest kernel (release ending in `-husk`, not the host's);
+//! - `ctr run -d`, `ctr task exec` (output and exit code), `ctr task kill`, `ctr task
+//!   delete`: afterwards no shim and no rootfs mount is left;
+//! - SIGKILL of a running container's shim: containerd cleans up through the shim's
+//!   `delete` (task gone, run folder and mounts removed).
+//!
+//! Three VMs boot, one after the other. Skips without /dev/kvm, root, containerd or the
+//! guest image. The rootfs goes over virtio-fs when virtiofsd is installed, else as a block
+//! image. `HUSK_TEST_CONSOLE=1` writes the guest console and agent logs to the test dir.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use husk_tests::containerd::{
+    Containerd, build_oci_image, containerd_missing_reason, find_on_path,
+};
+use husk_tests::host::skip_without_kvm;
+use husk_tests::{BusyboxImage, GuestImage, workspace};
+
+const IMAGE: &str = "docker.io/husk/busybox:test";
+const RUNTIME: &str = "io.containerd.husk.v2";
+const SHIM: &str = "containerd-shim-husk-v2";
+/// A VM boots in 15-60 s on the loaded nested-PVM host; a `ctr run` is boot plus a little.
+const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+fn host_release() -> String {
+    let out = std::process::Command::new("uname")
+        .arg("-r")
+        .output()
+        .expect("uname -r");
+    text(&out.stdout).trim().to_owned()
+}
+
+fn virtiofsd_installed() -> bool {
+    find_on_path("virtiofsd").is_some()
+        || std::env::var_os("HOME")
+            .is_some_and(|h| Path::new(&h).join(".cargo/bin/virtiofsd").is_file())
+}
+
+/// Shim processes of container `id` in the test namespace.
+fn shims_of(id: &str) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<String> = cmdline
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        let is_shim = args.first().is_some_and(|a| a.ends_with(SHIM));
+        let ours = args
+            .windows(2)
+            .any(|w| w[0] == "-namespace" && w[1] == husk_tests::containerd::NAMESPACE)
+            && args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
+        if is_shim && ours {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+fn mounts_under(dir: &Path) -> Vec<String> {
+    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+    let prefix = dir.display().to_string();
+    mounts
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .is_some_and(|m| m.starts_with(&prefix))
+        })
+        .map(str::to_owned)
+        .collect()
+}
+
+#[test]
+fn ctr_runs_containers_in_husk_vms() {
+    const NAME: &str = "ctr_runs_containers_in_husk_vms";
+    if skip_without_kvm(NAME) {
+        return;
+    }
+    if let Some(reason) = containerd_missing_reason() {
+        eprintln!("SKIPPED {NAME}: {reason}");
+        return;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED {NAME}: containerd and the shim's rootfs mounts need root");
+        return;
+    }
+    let image = match GuestImage::locate_or_build() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("SKIPPED {NAME}: no guest image ({e:#}); build it with guest-image/build.sh");
+            return;
+        }
+    };
+    let started = Instant::now();
+    let shim = workspace::binary(SHIM).expect("building the shim");
+    let busybox = BusyboxImage::build().expect("busybox rootfs");
+    let work = tempfile::Builder::new()
+        .prefix("husk-ctr-test-")
+        .tempdir()
+        .expect("temp dir");
+
+    let mode = if virtiofsd_installed() {
+        "virtiofs"
+    } else {
+        "block"
+    };
+    let mut config = format!(
+        "kernel = {:?}\ninitramfs = {:?}\nrootfs_mode = {mode:?}\nboot_timeout_secs = 300\n",
+        image.kernel.display().to_string(),
+        image.initramfs.display().to_string(),
+    );
+    if std::env::var_os("HUSK_TEST_CONSOLE").is_some() {
+        config.push_str(&format!(
+            "guest_console = {:?}\nkernel_cmdline = \"husk.agent_log=info\"\n",
+            work.path().join("console.log").display().to_string()
+        ));
+    }
+    let config_path = work.path().join("husk.toml");
+    std::fs::write(&config_path, config).expect("husk.toml");
+    eprintln!("rootfs over {mode}; config {}", config_path.display());
+
+    let shim_dir: PathBuf = shim.parent().expect("shim folder").to_path_buf();
+    let ctrd = Containerd::start(&[&shim_dir], &[("HUSK_CONFIG", &config_path)])
+        .expect("starting containerd");
+    let console = work.path().join("console.log");
+    let fail = |what: &str, detail: &str| -> ! {
+        let console = std::fs::read_to_string(&console).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(40).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "{what}: {detail}\n--- containerd log (with the shim's) ---\n{}\n--- guest console (HUSK_TEST_CONSOLE=1) ---\n{}",
+            ctrd.log_tail(60),
+            tail.join("\n")
+        )
+    };
+
+    let tarball = work.path().join("image.tar");
+    build_oci_image(&busybox.root_dir(), IMAGE, work.path(), &tarball)
+        .unwrap_or_else(|e| fail("building the OCI image", &format!("{e:#}")));
+    let out = ctrd
+        .ctr(&["images", "import", tarball.to_str().expect("UTF-8 path")])
+        .expect("ctr images import");
+    if !out.status.success() {
+        fail("ctr images import", &text(&out.stderr));
+    }
+
+    // 1. ctr run --rm: output, exit code, and the guest's kernel.
+    let out = ctrd
+        .ctr_timeout(
+            RUN_TIMEOUT,
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "rm1",
+                "sh",
+                "-c",
+                "uname -r; echo out-ok; exit 3",
+            ],
+        )
+        .expect("ctr run");
+    let stdout = text(&out.stdout);
+    if out.status.code() != Some(3) {
+        fail(
+            "ctr run --rm exit code",
+            &format!(
+                "{} (expected 3); stdout {stdout:?}, stderr {:?}",
+                out.status,
+                text(&out.stderr)
+            ),
+        );
+    }
+    let lines: Vec<&str> = stdout.lines().collect();
+    let release = lines.first().copied().unwrap_or_default();
+    assert!(
+        release.ends_with("-husk") && release != host_release(),
+        "the container ran under {release:?}, expected the guest kernel (-husk), host is {:?}",
+        host_release()
+    );
+    assert_eq!(lines.get(1).copied(), Some("out-ok"), "stdout {stdout:?}");
+    eprintln!(
+        "ctr run --rm: {release}, exit 3, after {:?}",
+        started.elapsed()
+    );
+
+    // 2. A detached container: exec, kill, delete.
+    let out = ctrd
+        .ctr_timeout(
+            RUN_TIMEOUT,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "d1",
+                "sh",
+                "-c",
+                "sleep 1000",
+            ],
+        )
+        .expect("ctr run -d");
+    if !out.status.success() {
+        fail("ctr run -d", &text(&out.stderr));
+    }
+    if let Some(reason) = husk_tests::host::vm_exec_skip_reason() {
+        eprintln!("SKIPPED the ctr task exec step: {reason}");
+    } else {
+        let out = ctrd
+            .ctr_timeout(
+                RUN_TIMEOUT,
+                &[
+                    "task",
+                    "exec",
+                    "--exec-id",
+                    "e1",
+                    "d1",
+                    "sh",
+                    "-c",
+                    "echo exec-ok; exit 5",
+                ],
+            )
+            .expect("ctr task exec");
+        if out.status.code() != Some(5) || text(&out.stdout).trim() != "exec-ok" {
+            fail(
+                "ctr task exec",
+                &format!(
+                    "{}; stdout {:?}, stderr {:?}",
+                    out.status,
+                    text(&out.stdout),
+                    text(&out.stderr)
+                ),
+            );
+        }
+    }
+    let out = ctrd
+        .ctr(&["task", "kill", "-s", "KILL", "d1"])
+        .expect("ctr task kill");
+    if !out.status.success() {
+        fail("ctr task kill", &text(&out.stderr));
+    }
+    let deadline = Instant::now() + Duration::from_secs(180);
+    loop {
+        let out = ctrd.ctr(&["task", "ls"]).expect("ctr task ls");
+        let listing = text(&out.stdout);
+        let d1 = listing
+            .lines()
+            .find(|l| l.starts_with("d1 "))
+            .unwrap_or_default()
+            .to_owned();
+        if d1.contains("STOPPED") {
+            break;
+        }
+        if Instant::now() >= deadline {
+            fail(
+                "after ctr task kill -s KILL",
+                &format!("task not stopped within 180 s: {listing}"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let out = ctrd
+        .ctr(&["task", "delete", "d1"])
+        .expect("ctr task delete");
+    if !out.status.success() || !text(&out.stderr).contains("137") {
+        fail(
+            "ctr task delete",
+            &format!(
+                "{}; stderr {:?} (expected exit code 137 reported)",
+                out.status,
+                text(&out.stderr)
+            ),
+        );
+    }
+    let out = ctrd
+        .ctr(&["containers", "delete", "d1"])
+        .expect("ctr containers delete");
+    if !out.status.success() {
+        fail("ctr containers delete", &text(&out.stderr));
+    }
+
+    // 3. The shim of a running container is killed: containerd runs the shim's `delete`,
+    // which cleans up; the VM died with the shim.
+    let out = ctrd
+        .ctr_timeout(
+            RUN_TIMEOUT,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "k1",
+                "sh",
+                "-c",
+                "sleep 1000",
+            ],
+        )
+        .expect("ctr run -d");
+    if !out.status.success() {
+        fail("ctr run -d k1", &text(&out.stderr));
+    }
+    let pids = shims_of("k1");
+    let [shim_pid] = pids[..] else {
+        fail(
+            "the shim of k1",
+            &format!("expected one shim process, found {pids:?}"),
+        );
+    };
+    // SAFETY: sending SIGKILL to the shim process found above.
+    unsafe { libc::kill(shim_pid as i32, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = ctrd.ctr(&["task", "ls"]).expect("ctr task ls");
+        let listing = text(&out.stdout);
+        if !listing.lines().any(|l| l.starts_with("k1 ")) {
+            break;
+        }
+        if Instant::now() >= deadline {
+            fail(
+                "after killing the shim",
+                &format!("task k1 still listed after 60 s: {listing}"),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let run_dir = Path::new("/run/husk-shim").join(shim_pid.to_string());
+    assert!(
+        !run_dir.exists(),
+        "{} left after the shim was killed",
+        run_dir.display()
+    );
+    let out = ctrd
+        .ctr(&["containers", "delete", "k1"])
+        .expect("ctr containers delete");
+    if !out.status.success() {
+        fail("ctr containers delete k1", &text(&out.stderr));
+    }
+
+    // Nothing left behind: the shims exit after Shutdown, the rootfs mounts are gone.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(shims_of("d1").is_empty() && shims_of("rm1").is_empty() && shims_of("k1").is_empty()) {
+        if Instant::now() >= deadline {
+            fail(
+                "shims still running 30 s after delete",
+                &format!(
+                    "d1 {:?}, rm1 {:?}, k1 {:?}",
+                    shims_of("d1"),
+                    shims_of("rm1"),
+                    shims_of("k1")
+                ),
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = mounts_under(ctrd.dir());
+    assert!(
+        left.is_empty(),
+        "mounts left under containerd's dir: {left:?}"
+    );
+    eprintln!("whole test {:?}", started.elapsed());
+}
