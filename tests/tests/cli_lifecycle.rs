@@ -185,7 +185,9 @@ fn full_lifecycle_in_one_vm() {
 
     // the init's output reached the monitor's stdout (the create command's stdout file)
     let deadline = std::time::Instant::now() + STEP;
-    while !created.stdout().contains("init-out") && std::time::Instant::now() < deadline {
+    // Both lines: the second comes only after stdin's end-of-file made it through the
+    // monitor and the agent, which takes a while in a loaded guest.
+    while !created.stdout().contains("init-got-") && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(
