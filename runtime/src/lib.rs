@@ -20,3 +20,4 @@ pub mod sizing;
 pub mod spec_default;
 pub mod state;
 pub mod time;
+pub mod vm_config;

@@ -19,6 +19,7 @@ use husk_protocol::agent::{
 use husk_protocol::client::{AgentClient, Target, connect_with_retry};
 use husk_runtime::config::Config;
 use husk_runtime::sizing::VmSize;
+use husk_runtime::vm_config::{path_arg, vm_config};
 use tokio::sync::watch;
 
 /// virtio-fs tag and sandbox mount name of a shared rootfs; virtio-blk serial of an image.
@@ -298,50 +299,4 @@ fn spawn_virtiofsd(spec: &Virtiofsd) -> Result<Child> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(child)
-}
-
-fn path_arg(p: &Path) -> Result<String> {
-    let s = p
-        .to_str()
-        .ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))?;
-    if s.contains(',') {
-        bail!("path {s} contains a comma, which the VMM's device syntax cannot carry");
-    }
-    Ok(s.to_owned())
-}
-
-/// The VMM configuration, built through the VMM's own argument parser so that its checks
-/// apply unchanged.
-fn vm_config(
-    config: &Config,
-    size: VmSize,
-    vm_socket: &Path,
-    devices: Vec<String>,
-) -> Result<husk_vmm::config::VmConfig> {
-    let mut args: Vec<String> = vec![
-        "husk-vmm".into(),
-        "--kernel".into(),
-        path_arg(&config.kernel_path()?)?,
-        "--initramfs".into(),
-        path_arg(&config.initramfs_path()?)?,
-        "--memory-mib".into(),
-        size.memory_mib.to_string(),
-        "--vcpus".into(),
-        size.vcpus.to_string(),
-        "--vsock-uds".into(),
-        path_arg(vm_socket)?,
-        "--cpu-template".into(),
-        config.cpu_template.clone(),
-    ];
-    args.extend(devices);
-    if let Some(console) = &config.guest_console {
-        args.push("--console".into());
-        args.push(format!("file:{}", path_arg(console)?));
-    }
-    if !config.kernel_cmdline.is_empty() {
-        args.push(format!("--cmdline={}", config.kernel_cmdline));
-    }
-    let cli = <husk_vmm::config::Cli as clap::Parser>::try_parse_from(&args)
-        .map_err(|e| anyhow!("VM configuration: {}", e.to_string().trim()))?;
-    cli.into_vm_config().context("VM configuration")
 }

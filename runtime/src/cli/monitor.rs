@@ -25,9 +25,11 @@ use husk_protocol::client::{AgentClient, Target, connect_with_retry};
 use husk_runtime::bundle::{self, Bundle};
 use husk_runtime::config::Config;
 use husk_runtime::process::ProcessIdentity;
+use husk_runtime::sizing::VmSize;
 use husk_runtime::state::{
     ContainerState, ExitRecord, FS_SOCKET, ROOTFS_IMAGE, RootfsMode, StateStore, Status, VM_SOCKET,
 };
+use husk_runtime::vm_config::{path_arg, vm_config};
 use husk_runtime::{console, exit, hooks, rootfs_image};
 use husk_vmm::stop::StopReason;
 use tokio::signal::unix::{SignalKind, signal};
@@ -143,7 +145,11 @@ impl Monitor {
                 vmm_args.push(format!("socket={},tag={ROOTFS_TAG}", path_arg(&socket)?));
             }
         }
-        let vm_config = vm_config(&config, &st, &vm_socket, vmm_args)?;
+        let size = VmSize {
+            vcpus: st.vcpus,
+            memory_mib: st.memory_mib,
+        };
+        let vm_config = vm_config(&config, size, &vm_socket, vmm_args)?;
 
         let (tx, vmm_done) = tokio::sync::oneshot::channel();
         let started = Instant::now();
@@ -420,52 +426,6 @@ pub fn update(
     change(&mut st);
     store.save(&lock, &st)?;
     Ok(st)
-}
-
-fn path_arg(p: &Path) -> Result<String> {
-    let s = p
-        .to_str()
-        .ok_or_else(|| anyhow!("path {} is not UTF-8", p.display()))?;
-    if s.contains(',') {
-        bail!("path {s} contains a comma, which the VMM's device syntax cannot carry");
-    }
-    Ok(s.to_owned())
-}
-
-/// The VMM configuration, built through the VMM's own argument parser so that its
-/// validation applies unchanged.
-fn vm_config(
-    config: &Config,
-    st: &ContainerState,
-    vm_socket: &Path,
-    devices: Vec<String>,
-) -> Result<husk_vmm::config::VmConfig> {
-    let mut args: Vec<String> = vec![
-        "husk-vmm".into(),
-        "--kernel".into(),
-        path_arg(&config.kernel_path()?)?,
-        "--initramfs".into(),
-        path_arg(&config.initramfs_path()?)?,
-        "--memory-mib".into(),
-        st.memory_mib.to_string(),
-        "--vcpus".into(),
-        st.vcpus.to_string(),
-        "--vsock-uds".into(),
-        path_arg(vm_socket)?,
-        "--cpu-template".into(),
-        config.cpu_template.clone(),
-    ];
-    args.extend(devices);
-    if let Some(console) = &config.guest_console {
-        args.push("--console".into());
-        args.push(format!("file:{}", path_arg(console)?));
-    }
-    if !config.kernel_cmdline.is_empty() {
-        args.push(format!("--cmdline={}", config.kernel_cmdline));
-    }
-    let cli = <husk_vmm::config::Cli as clap::Parser>::try_parse_from(&args)
-        .map_err(|e| anyhow!("VM configuration: {}", e.to_string().trim()))?;
-    cli.into_vm_config().context("VM configuration")
 }
 
 /// Starts virtiofsd sharing `dir` on `socket`. It dies with the monitor (PDEATHSIG), and

@@ -1,0 +1,80 @@
+//! The VMM configuration for one container or pod VM, shared by the CLI's monitor and the
+//! containerd shim. Built through the VMM's own argument parser so that its validation
+//! applies unchanged.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::{Config, ConfigError};
+use crate::sizing::VmSize;
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmConfigError {
+    #[error("path {0} is not UTF-8")]
+    PathNotUtf8(PathBuf),
+    #[error("path {0} contains a comma, which the VMM's device syntax cannot carry")]
+    PathHasComma(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("VM configuration: {0}")]
+    Invalid(String),
+}
+
+/// `p` as a VMM argument (device options are comma-separated `key=value` lists).
+pub fn path_arg(p: &Path) -> Result<String, VmConfigError> {
+    let s = p
+        .to_str()
+        .ok_or_else(|| VmConfigError::PathNotUtf8(p.to_owned()))?;
+    if s.contains(',') {
+        return Err(VmConfigError::PathHasComma(s.to_owned()));
+    }
+    Ok(s.to_owned())
+}
+
+/// The VMM configuration: kernel, initramfs, CPU template, console and command line from
+/// `config`, the VM's size, its hybrid-vsock socket and extra device arguments.
+pub fn vm_config(
+    config: &Config,
+    size: VmSize,
+    vm_socket: &Path,
+    devices: Vec<String>,
+) -> Result<husk_vmm::config::VmConfig, VmConfigError> {
+    let mut args: Vec<String> = vec![
+        "husk-vmm".into(),
+        "--kernel".into(),
+        path_arg(&config.kernel_path()?)?,
+        "--initramfs".into(),
+        path_arg(&config.initramfs_path()?)?,
+        "--memory-mib".into(),
+        size.memory_mib.to_string(),
+        "--vcpus".into(),
+        size.vcpus.to_string(),
+        "--vsock-uds".into(),
+        path_arg(vm_socket)?,
+        "--cpu-template".into(),
+        config.cpu_template.clone(),
+    ];
+    args.extend(devices);
+    if let Some(console) = &config.guest_console {
+        args.push("--console".into());
+        args.push(format!("file:{}", path_arg(console)?));
+    }
+    if !config.kernel_cmdline.is_empty() {
+        args.push(format!("--cmdline={}", config.kernel_cmdline));
+    }
+    let cli = <husk_vmm::config::Cli as clap::Parser>::try_parse_from(&args)
+        .map_err(|e| VmConfigError::Invalid(e.to_string().trim().to_owned()))?;
+    cli.into_vm_config()
+        .map_err(|e| VmConfigError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_args_refuse_commas_and_keep_the_rest() {
+        assert_eq!(path_arg(Path::new("/a/b.sock")).unwrap(), "/a/b.sock");
+        let err = path_arg(Path::new("/a,b")).unwrap_err();
+        assert!(err.to_string().contains("comma"), "{err}");
+    }
+}
