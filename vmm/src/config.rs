@@ -10,6 +10,8 @@ use clap::Parser;
 use serde::Deserialize;
 
 use crate::cpu_template::TemplateChoice;
+use crate::devices::virtio::net::MacAddr;
+use crate::devices::virtio::net::tap::validate_ifname;
 
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 pub const MIN_MEMORY_MIB: u64 = 64;
@@ -53,6 +55,11 @@ pub struct Cli {
     /// Repeatable. Guest RAM becomes a shared memfd (see docs/architecture.md).
     #[arg(long = "fs", value_name = "SPEC")]
     pub fs: Vec<String>,
+    /// virtio-net device on an existing host tap: tap=NAME[,mac=AA:BB:CC:DD:EE:FF].
+    /// Repeatable. Without mac= the address is derived from the tap name (locally
+    /// administered, the same on every run).
+    #[arg(long = "net", value_name = "SPEC")]
+    pub net: Vec<String>,
     /// virtio-rng device: on|off [default: on].
     #[arg(long, value_name = "on|off")]
     pub rng: Option<String>,
@@ -89,6 +96,8 @@ pub struct FileConfig {
     pub block: Vec<String>,
     #[serde(default)]
     pub fs: Vec<String>,
+    #[serde(default)]
+    pub net: Vec<String>,
     pub rng: Option<Switch>,
     pub console: Option<String>,
     #[serde(alias = "cpu-template")]
@@ -217,6 +226,42 @@ impl FromStr for FsSpec {
     }
 }
 
+/// One `--net` device: the host tap and the guest's MAC address (given or derived).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NetSpec {
+    pub tap: String,
+    pub mac: MacAddr,
+}
+
+impl FromStr for NetSpec {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Net {
+            spec: s.to_string(),
+            why: why.to_string(),
+        };
+        let (mut tap, mut mac) = (None, None);
+        for part in s.split(',') {
+            let (key, value) = part
+                .split_once('=')
+                .ok_or_else(|| bad(&format!("'{part}' is not key=value")))?;
+            match key {
+                "tap" => {
+                    validate_ifname(value)
+                        .map_err(|why| bad(&format!("tap name {value:?}: {why}")))?;
+                    tap = Some(value.to_string());
+                }
+                "mac" => mac = Some(value.parse::<MacAddr>().map_err(|e| bad(&e.to_string()))?),
+                other => return Err(bad(&format!("unknown key '{other}'"))),
+            }
+        }
+        let tap = tap.ok_or_else(|| bad("missing tap="))?;
+        let mac = mac.unwrap_or_else(|| MacAddr::derived(&tap));
+        Ok(NetSpec { tap, mac })
+    }
+}
+
 fn parse_switch(s: &str) -> Option<bool> {
     match s {
         "on" | "true" | "yes" | "1" => Some(true),
@@ -245,6 +290,8 @@ pub struct VmConfig {
     pub blocks: Vec<BlockSpec>,
     /// vhost-user-fs devices, after the block devices and rng in slot order.
     pub fs: Vec<FsSpec>,
+    /// virtio-net devices, after every other device in slot order (guest eth0, eth1, ...).
+    pub nets: Vec<NetSpec>,
     pub rng: bool,
     pub console: Console,
     pub cpu_template: TemplateChoice,
@@ -285,6 +332,12 @@ pub enum ConfigError {
     Fs { spec: String, why: String },
     #[error("--fs: tag {0:?} is used twice; the guest could not tell the shares apart")]
     FsDuplicateTag(String),
+    #[error("--net {spec}: {why}")]
+    Net { spec: String, why: String },
+    #[error("--net: tap {0} is used twice; a tap serves one NIC")]
+    NetDuplicateTap(String),
+    #[error("--net: MAC address {0} is used twice")]
+    NetDuplicateMac(MacAddr),
     #[error("--rng {0}: expected on or off")]
     Rng(String),
     #[error("--console {0}: expected off, stdout or file:PATH")]
@@ -369,6 +422,23 @@ pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
     if let Some(dup) = fs.iter().find(|f| !tags.insert(f.tag.as_str())) {
         return Err(ConfigError::FsDuplicateTag(dup.tag.clone()));
     }
+    let net_specs = if cli.net.is_empty() {
+        file.net
+    } else {
+        cli.net
+    };
+    let nets = net_specs
+        .iter()
+        .map(|s| s.parse())
+        .collect::<Result<Vec<NetSpec>, _>>()?;
+    let mut taps = std::collections::HashSet::new();
+    if let Some(dup) = nets.iter().find(|n| !taps.insert(n.tap.as_str())) {
+        return Err(ConfigError::NetDuplicateTap(dup.tap.clone()));
+    }
+    let mut macs = std::collections::HashSet::new();
+    if let Some(dup) = nets.iter().find(|n| !macs.insert(n.mac)) {
+        return Err(ConfigError::NetDuplicateMac(dup.mac));
+    }
     let rng = match (cli.rng, file.rng) {
         (Some(s), _) | (None, Some(Switch::Text(s))) => {
             parse_switch(&s).ok_or(ConfigError::Rng(s))?
@@ -399,6 +469,7 @@ pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
         vsock,
         blocks,
         fs,
+        nets,
         rng,
         console,
         cpu_template,
@@ -607,6 +678,64 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(dup.contains("tag \"x\" is used twice"), "{dup}");
+    }
+
+    #[test]
+    fn net_devices_from_flags_and_file() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0,mac=02:AA:bb:00:00:01",
+            "--net",
+            "tap=tap1",
+        ])
+        .unwrap();
+        assert_eq!(c.nets.len(), 2);
+        assert_eq!(c.nets[0].tap, "tap0");
+        assert_eq!(c.nets[0].mac.to_string(), "02:aa:bb:00:00:01");
+        assert_eq!(c.nets[1].tap, "tap1");
+        assert_eq!(c.nets[1].mac, MacAddr::derived("tap1"), "default MAC");
+        assert_eq!(c.nets[1].mac.octets()[0] & 0x03, 0x02, "local unicast");
+        assert!(parse(&["--kernel", "/k"]).unwrap().nets.is_empty());
+        let file = parse_file_config(r#"{"kernel": "/k", "net": ["tap=t9"]}"#).unwrap();
+        let c = merge(Cli::try_parse_from(["husk-vmm"]).unwrap(), file).unwrap();
+        assert_eq!(
+            c.nets,
+            vec![NetSpec {
+                tap: "t9".into(),
+                mac: MacAddr::derived("t9")
+            }]
+        );
+    }
+
+    #[test]
+    fn bad_net_specs_name_the_problem() {
+        let msg = |specs: &[&str]| {
+            let mut args = vec!["--kernel", "k"];
+            for s in specs {
+                args.extend_from_slice(&["--net", s]);
+            }
+            parse(&args).unwrap_err().to_string()
+        };
+        assert!(
+            msg(&["mac=02:00:00:00:00:01"]).contains("--net mac=02:00:00:00:00:01: missing tap=")
+        );
+        assert!(msg(&["tap0"]).contains("not key=value"));
+        assert!(msg(&["tap="]).contains("tap name \"\": empty"));
+        assert!(msg(&["tap=a-name-of-16-chr"]).contains("longer than 15 bytes"));
+        assert!(msg(&["tap=a/b"]).contains("'/'"));
+        assert!(
+            msg(&["tap=t,mac=zz:00:00:00:00:01"]).contains("\"zz:00:00:00:00:01\" is not a MAC")
+        );
+        assert!(msg(&["tap=t,mac=03:00:00:00:00:01"]).contains("multicast"));
+        assert!(msg(&["tap=t,mac=00:00:00:00:00:00"]).contains("not a usable NIC address"));
+        assert!(msg(&["tap=t,queues=2"]).contains("unknown key 'queues'"));
+        assert!(msg(&["tap=t", "tap=t"]).contains("tap t is used twice"));
+        assert!(
+            msg(&["tap=a,mac=02:00:00:00:00:01", "tap=b,mac=02:00:00:00:00:01"])
+                .contains("MAC address 02:00:00:00:00:01 is used twice")
+        );
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! husk-vmm: a small virtual machine monitor that boots a Linux kernel directly (no
 //! firmware) on KVM, with a serial console, an i8042 for reboots, a boot-timer page and
-//! virtio-mmio devices (vsock, block, rng, and virtio-fs served by a vhost-user backend).
+//! virtio-mmio devices (vsock, block, rng, tap-backed net, and virtio-fs served by a
+//! vhost-user backend).
 //!
 //! Process exit status of `husk-vmm`:
 //!

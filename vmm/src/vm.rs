@@ -24,7 +24,7 @@ use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleWriter, SerialDevice};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
-use crate::devices::virtio::{Interrupt, VirtioDevice, block, fs, rng, vsock};
+use crate::devices::virtio::{Interrupt, VirtioDevice, block, fs, net, rng, vsock};
 use crate::host;
 use crate::loader::{self, CmdlineSpec, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
@@ -92,6 +92,12 @@ pub enum VmError {
         tag: String,
         #[source]
         source: fs::FsError,
+    },
+    #[error("virtio-net device: {source}")]
+    Net {
+        tap: String,
+        #[source]
+        source: net::TapError,
     },
     #[error("too many virtio devices ({0}); at most {max}", max = layout::MAX_VIRTIO_DEVICES)]
     TooManyDevices(usize),
@@ -328,8 +334,8 @@ struct PlannedDevice {
     ioeventfd: bool,
 }
 
-/// The virtio devices of a configuration, in slot order: vsock, block devices, rng, fs
-/// (appended last so adding a share moves no other device).
+/// The virtio devices of a configuration, in slot order: vsock, block devices, rng, fs,
+/// net (appended after the others so adding a share or a NIC moves no other device).
 fn virtio_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(v) = &config.vsock {
@@ -361,8 +367,9 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
             ioeventfd: false,
         })
         .collect();
-    if planned.len() + config.fs.len() > layout::MAX_VIRTIO_DEVICES {
-        return Err(VmError::TooManyDevices(planned.len() + config.fs.len()));
+    let total = planned.len() + config.fs.len() + config.nets.len();
+    if total > layout::MAX_VIRTIO_DEVICES {
+        return Err(VmError::TooManyDevices(total));
     }
     for f in &config.fs {
         let dev = fs::Fs::new(&fs::FsConfig {
@@ -376,6 +383,21 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
         planned.push(PlannedDevice {
             device: Box::new(dev),
             ioeventfd: true,
+        });
+    }
+    for n in &config.nets {
+        let dev = net::Net::new(&net::NetConfig {
+            tap: n.tap.clone(),
+            mac: n.mac,
+        })
+        .map_err(|source| VmError::Net {
+            tap: n.tap.clone(),
+            source,
+        })?;
+        tracing::info!(tap = %n.tap, mac = %n.mac, "virtio-net device");
+        planned.push(PlannedDevice {
+            device: Box::new(dev),
+            ioeventfd: false,
         });
     }
     Ok(planned)
@@ -614,6 +636,33 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         panic!("tiny guest did not stop in time");
+    }
+
+    #[test]
+    fn missing_tap_is_reported_by_name_before_the_vm_exists() {
+        let cli = <crate::config::Cli as clap::Parser>::try_parse_from([
+            "husk-vmm",
+            "--kernel",
+            "/k",
+            "--rng",
+            "off",
+            "--net",
+            "tap=husk-nope0",
+        ])
+        .unwrap();
+        let config = cli.into_vm_config().unwrap();
+        let Err(err) = virtio_devices(&config) else {
+            panic!("a missing tap must fail");
+        };
+        assert!(
+            matches!(err, VmError::Net { ref tap, .. } if tap == "husk-nope0"),
+            "{err}"
+        );
+        assert!(
+            err.to_string()
+                .contains("tap device husk-nope0 does not exist"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ pub mod mmio;
 
 pub mod block;
 pub mod fs;
+pub mod net;
 pub mod rng;
 pub mod vsock;
 // Worker-thread plumbing shared by the devices above.
