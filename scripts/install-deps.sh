@@ -15,6 +15,10 @@ packages=(
   libseccomp-dev libcap-ng-dev
   # the containerd shim's tests (tests/tests/containerd_*.rs) start their own containerd
   containerd
+  # tests/tests/podman.rs drives podman with husk as its runtime; without recommends apt
+  # still pulls conmon, runc (or crun), containers-common with policy.json and
+  # containernetworking-plugins (the tests use --network none)
+  podman
 )
 if [[ "${1:-}" == "--bench" ]]; then
   packages+=(qemu-system-x86)

@@ -6,6 +6,7 @@ pub mod containerd;
 pub mod guest_image;
 pub mod host;
 pub mod husk_cli;
+pub mod podman;
 pub mod proc_stats;
 pub mod rootfs;
 pub mod vm;
