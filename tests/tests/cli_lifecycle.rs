@@ -111,28 +111,24 @@ fn full_lifecycle_in_one_vm() {
     );
 
     // exec, with its own exit code and output
-    if let Some(reason) = husk_tests::host::vm_exec_skip_reason() {
-        eprintln!("SKIPPED the exec step: {reason}");
-    } else {
-        let o = husk
-            .output(&[
-                "exec",
-                "--env",
-                "X=42",
-                "life",
-                "sh",
-                "-c",
-                "echo exec-out-$X; exit 5",
-            ])
-            .expect("exec");
-        assert_eq!(
-            o.status.code(),
-            Some(5),
-            "exec: {}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        assert_eq!(String::from_utf8_lossy(&o.stdout), "exec-out-42\n");
-    }
+    let o = husk
+        .output(&[
+            "exec",
+            "--env",
+            "X=42",
+            "life",
+            "sh",
+            "-c",
+            "echo exec-out-$X; exit 5",
+        ])
+        .expect("exec");
+    assert_eq!(
+        o.status.code(),
+        Some(5),
+        "exec: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&o.stdout), "exec-out-42\n");
 
     // ps
     let o = husk
@@ -183,31 +179,24 @@ fn full_lifecycle_in_one_vm() {
     assert_eq!(ev["data"]["pids"]["limit"], 50, "{ev}");
     assert_eq!(ev["data"]["memory"]["usage"]["limit"], 64 << 20, "{ev}");
 
-    // The init's output reaching the monitor's stdout is asserted except on nested-PVM
-    // hosts, where it went missing in most runs, with the same open guest bug as exec's
-    // (tests/tests/vm_exec.rs); cli_run asserts relayed stdio in its own VMs.
-    if let Some(reason) = husk_tests::host::vm_exec_skip_reason() {
-        eprintln!("SKIPPED the init output check: {reason}");
-    } else {
-        // the init's output reached the monitor's stdout (the create command's stdout file)
-        let deadline = std::time::Instant::now() + STEP;
-        // Both lines: the second comes only after stdin's end-of-file made it through the
-        // monitor and the agent, which takes a while in a loaded guest.
-        while !created.stdout().contains("init-got-") && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        assert!(
-            created.stdout().contains("init-out"),
-            "{:?}",
-            created.stdout()
-        );
-        // stdin was /dev/null: `read` hit end-of-file at once
-        assert!(
-            created.stdout().contains("init-got-\n"),
-            "{:?}",
-            created.stdout()
-        );
+    // the init's output reached the monitor's stdout (the create command's stdout file)
+    let deadline = std::time::Instant::now() + STEP;
+    // Both lines: the second comes only after stdin's end-of-file made it through the
+    // monitor and the agent, which takes a while in a loaded guest.
+    while !created.stdout().contains("init-got-") && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
     }
+    assert!(
+        created.stdout().contains("init-out"),
+        "{:?}",
+        created.stdout()
+    );
+    // stdin was /dev/null: `read` hit end-of-file at once
+    assert!(
+        created.stdout().contains("init-got-\n"),
+        "{:?}",
+        created.stdout()
+    );
 
     // kill → stopped, the monitor is gone
     let o = husk.output(&["kill", "life", "KILL"]).expect("kill");

@@ -222,36 +222,33 @@ fn ctr_runs_containers_in_husk_vms() {
     if !out.status.success() {
         fail("ctr run -d", &text(&out.stderr));
     }
-    if let Some(reason) = husk_tests::host::vm_exec_skip_reason() {
-        eprintln!("SKIPPED the ctr task exec step: {reason}");
-    } else {
-        let out = ctrd
-            .ctr_timeout(
-                RUN_TIMEOUT,
-                &[
-                    "task",
-                    "exec",
-                    "--exec-id",
-                    "e1",
-                    "d1",
-                    "sh",
-                    "-c",
-                    "echo exec-ok; exit 5",
-                ],
-            )
-            .expect("ctr task exec");
-        if out.status.code() != Some(5) || text(&out.stdout).trim() != "exec-ok" {
-            fail(
-                "ctr task exec",
-                &format!(
-                    "{}; stdout {:?}, stderr {:?}",
-                    out.status,
-                    text(&out.stdout),
-                    text(&out.stderr)
-                ),
-            );
-        }
+    let out = ctrd
+        .ctr_timeout(
+            RUN_TIMEOUT,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                "e1",
+                "d1",
+                "sh",
+                "-c",
+                "echo exec-ok; exit 5",
+            ],
+        )
+        .expect("ctr task exec");
+    if out.status.code() != Some(5) || text(&out.stdout).trim() != "exec-ok" {
+        fail(
+            "ctr task exec",
+            &format!(
+                "{}; stdout {:?}, stderr {:?}",
+                out.status,
+                text(&out.stdout),
+                text(&out.stderr)
+            ),
+        );
     }
+
     let out = ctrd
         .ctr(&["task", "kill", "-s", "KILL", "d1"])
         .expect("ctr task kill");

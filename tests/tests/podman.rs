@@ -11,7 +11,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use husk_tests::host::{skip_without_kvm, vm_exec_skip_reason};
+use husk_tests::host::skip_without_kvm;
 use husk_tests::husk_cli::{Husk, pid_alive};
 use husk_tests::podman::{IMAGE, Podman, find_virtiofsd, podman_unavailable_reason};
 use husk_tests::{BusyboxImage, GuestImage};
@@ -177,28 +177,24 @@ fn detached_exec_stop_rm(podman: &Podman) {
         "podman's container pid is husk's monitor"
     );
 
-    if let Some(reason) = vm_exec_skip_reason() {
-        eprintln!("SKIPPED the podman exec step and the running container's logs: {reason}");
-    } else {
-        let o = podman
-            .output(&["exec", "life", "sh", "-c", "echo exec-out; exit 4"])
-            .expect("podman exec");
-        assert_eq!(
-            o.status.code(),
-            Some(4),
-            "podman exec: {}{}",
-            text(&o.stderr),
-            podman.diagnostics()
-        );
-        assert_eq!(text(&o.stdout), "exec-out\n");
-        let deadline = Instant::now() + STEP;
-        let mut logs = String::new();
-        while !logs.contains("started") && Instant::now() < deadline {
-            logs = podman.ok(&["logs", "life"]).expect("podman logs");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        assert_eq!(logs, "started\n", "logs of the running container");
+    let o = podman
+        .output(&["exec", "life", "sh", "-c", "echo exec-out; exit 4"])
+        .expect("podman exec");
+    assert_eq!(
+        o.status.code(),
+        Some(4),
+        "podman exec: {}{}",
+        text(&o.stderr),
+        podman.diagnostics()
+    );
+    assert_eq!(text(&o.stdout), "exec-out\n");
+    let deadline = Instant::now() + STEP;
+    let mut logs = String::new();
+    while !logs.contains("started") && Instant::now() < deadline {
+        logs = podman.ok(&["logs", "life"]).expect("podman logs");
+        std::thread::sleep(Duration::from_millis(200));
     }
+    assert_eq!(logs, "started\n", "logs of the running container");
 
     // A stop timeout long enough that only TERM is involved: exit 0 proves the trap ran.
     podman
@@ -228,14 +224,7 @@ fn detached_exec_stop_rm(podman: &Podman) {
     );
     // Once the init exited: the monitor drains its output before it exits.
     let logs = podman.ok(&["logs", "life"]).expect("podman logs");
-    if let Some(reason) = vm_exec_skip_reason() {
-        // The early line of a long-lived init goes missing in some runs here (the same open
-        // guest bug); the line written as it exits arrives.
-        eprintln!("checking only the last line of the stopped container's logs: {reason}");
-        assert!(logs.ends_with("got-term\n"), "logs after stop: {logs:?}");
-    } else {
-        assert_eq!(logs, "started\ngot-term\n", "logs after stop");
-    }
+    assert_eq!(logs, "started\ngot-term\n", "logs after stop");
 
     podman.ok(&["rm", "life"]).expect("podman rm life");
     assert_nothing_left(podman, "run -d + stop + rm");

@@ -70,9 +70,13 @@ const PVM_MASKED: &[FeatureBit] = &[
 
 /// Guest command-line flags of the `pvm` template (see docs/pvm-guest notes: `noxsave`,
 /// clearcpuid and `pvm_syscall=pf` are needed for correctness, the rest for speed).
+/// GLIBC_TUNABLES reaches the agent (PID 1) as environment and, through it, container
+/// processes: guest user mode runs natively with the host's AVX state enabled, which the
+/// `noxsave` guest kernel does not switch between tasks (agent `containers::inherited_env`).
 pub const PVM_CMDLINE: &str = "noxsave clearcpuid=151,141,158,150,156,306,308,291,296,293,304,297,580 \
      pvm_syscall=pf rodata=off noreplace-smp percpu_alloc=page tsc=reliable slub_nosysfs \
-     module_nosysfs_builtin";
+     module_nosysfs_builtin \
+     GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F,-AVX512VL,-AVX512BW,-AVX512DQ,-AVX512CD,-AVX_Fast_Unaligned_Load";
 
 const PVM_MEMORY_GRANULARITY_MIB: u64 = 128;
 
@@ -164,6 +168,12 @@ mod tests {
                 .starts_with("noxsave clearcpuid=151,")
         );
         assert!(CpuTemplate::Pvm.cmdline().contains("pvm_syscall=pf"));
+        assert!(
+            CpuTemplate::Pvm
+                .cmdline()
+                .contains("GLIBC_TUNABLES=glibc.cpu.hwcaps=-AVX,-AVX2,-AVX512F"),
+            "user space must not use vector state the guest kernel does not switch"
+        );
         assert_eq!(CpuTemplate::None.cmdline(), "");
     }
 

@@ -11,6 +11,7 @@
 //! (the library's `Spawner`), and are published per process on a watch channel.
 
 mod error;
+mod inherited_env;
 mod mounts;
 mod sandbox;
 mod stdio;
@@ -166,6 +167,8 @@ pub struct Containers {
     map: Mutex<HashMap<String, Slot>>,
     oom_tx: mpsc::UnboundedSender<String>,
     oom_rx: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    /// `NAME=value` entries every container process gets unless it sets NAME itself.
+    inherited_env: Vec<String>,
 }
 
 /// Releases a reserved id unless the creation went through.
@@ -236,6 +239,12 @@ impl Containers {
             map: Mutex::new(HashMap::new()),
             oom_tx,
             oom_rx: tokio::sync::Mutex::new(oom_rx),
+            // PID 1's environment comes from the kernel command line (see inherited_env);
+            // a host-mode agent's is the developer's and stays out of containers.
+            inherited_env: match mode {
+                Mode::Guest => inherited_env::from_agent_env(|n| std::env::var(n).ok()),
+                Mode::Host => Vec::new(),
+            },
         }
     }
 
@@ -401,6 +410,9 @@ impl Containers {
                 .map_err(|e| Failure::new(e.code, &what, e.message))?;
         if let Some(r) = spec.root_mut() {
             r.set_path(root);
+        }
+        if let Some(p) = spec.process_mut() {
+            inherited_env::apply(p, &self.inherited_env);
         }
 
         let cgroup = match &self.cgroup_root {
@@ -591,8 +603,9 @@ impl Containers {
         let exec_id = req.exec_id.clone();
         let what = format!("process {exec_id} of container {}", entry.id);
         husk_container::validate_id(&exec_id).map_err(|e| Failure::lib("exec_id", e))?;
-        let process: Process = parse_json(&format!("{what}: process_json"), &req.process_json)?;
+        let mut process: Process = parse_json(&format!("{what}: process_json"), &req.process_json)?;
         spec::validate_process(&process, "process").map_err(|e| Failure::lib(&what, e))?;
+        inherited_env::apply(&mut process, &self.inherited_env);
         if process.terminal().unwrap_or(false) != req.terminal {
             return Err(Failure::invalid(
                 &what,
