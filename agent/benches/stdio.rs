@@ -132,7 +132,7 @@ fn prepare_stdout(broker: &stdio::StdioBroker, id: &str) -> (String, OwnedFd) {
         .expect("prepare");
     match prepared.stdio {
         Stdio::Fds { stdout, .. } => (id.to_owned(), stdout),
-        Stdio::Terminal(_) => unreachable!("no terminal asked for"),
+        Stdio::Terminal => unreachable!("no terminal asked for"),
     }
 }
 

@@ -609,9 +609,11 @@ async fn stdio_terminal_is_a_pty_and_resize_reaches_it() {
     let agent = AgentProcess::spawn();
     let client = agent.connect().await;
     let rootfs = BusyboxRootfs::new();
-    // The container has a devpts of its own, as OCI specs usually ask; the pty comes
-    // from the agent's, and is bound at /dev/console so that `tty` can name it.
-    let mut s = sh("tty; stty size; read line; echo got $line; stty size; exit 3");
+    // As with runc, the pty comes from the container's own devpts (OCI specs mount one)
+    // and is bound at /dev/console; an exec'd process gets the next one.
+    let mut s = sh(
+        "tty; test /dev/console -ef /dev/pts/0 && echo console-ok; stty size; read line; echo got $line; stty size; exit 3",
+    );
     s["mounts"].as_array_mut().expect("mounts").push(json!({
         "destination": "/dev/pts", "type": "devpts", "source": "devpts",
         "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
@@ -631,8 +633,24 @@ async fn stdio_terminal_is_a_pty_and_resize_reaches_it() {
     let mut seen = Vec::new();
     read_until(&mut term, &mut seen, "24 80", WAIT).await;
     let text = String::from_utf8_lossy(&seen).into_owned();
-    let first = text.lines().next().unwrap_or_default().trim_end();
-    assert_eq!(first, "/dev/console", "tty printed {text:?}");
+    let lines: Vec<&str> = text.lines().map(str::trim_end).collect();
+    assert_eq!(lines[..2], ["/dev/pts/0", "console-ok"], "{text:?}");
+
+    let mut req = exec_request("tty", "e-tty", &["tty"]);
+    let mut process: serde_json::Value =
+        serde_json::from_slice(&req.process_json).expect("process json");
+    process["terminal"] = json!(true);
+    req.process_json = process.to_string().into_bytes();
+    req.terminal = true;
+    req.stdio = Some(streams("", "", "", "e-tty-term")).into();
+    client
+        .exec_process(&req)
+        .await
+        .expect("exec with a terminal");
+    let mut exec_term = agent.attach("e-tty-term").await;
+    let out = read_to_end(&mut exec_term, WAIT).await;
+    assert_eq!(String::from_utf8_lossy(&out), "/dev/pts/1\r\n");
+    assert_eq!(wait(&client, "tty", "e-tty").await.exit_code, 0);
 
     client
         .tty_win_resize("tty", "", 40, 100)

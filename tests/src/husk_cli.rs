@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
@@ -86,6 +87,36 @@ impl Husk {
         })
     }
 
+    /// Like [`Husk::spawn_to_files`], but stdout is a pipe (as conmon passes it), read as
+    /// bytes arrive by a thread until every holder of its write end (the monitor) is gone.
+    pub fn spawn_stdout_to_pipe(&self, name: &str, args: &[&str]) -> Result<PipedOutput> {
+        let err = self.dir.path().join(format!("{name}.err"));
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err)?)
+            .spawn()
+            .with_context(|| format!("running husk {args:?}"))?;
+        let mut pipe = child.stdout.take().context("husk's stdout pipe")?;
+        let stdout = Arc::new(Mutex::new(Vec::new()));
+        let sink = Arc::clone(&stdout);
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n @ 1..) = std::io::Read::read(&mut pipe, &mut buf) {
+                sink.lock().unwrap().extend_from_slice(&buf[..n]);
+            }
+        });
+        let status = child
+            .wait()
+            .with_context(|| format!("waiting for husk {args:?}"))?;
+        Ok(PipedOutput {
+            code: status.code(),
+            stdout,
+            err,
+        })
+    }
+
     /// `husk state <id>` parsed.
     pub fn state(&self, id: &str) -> Result<Value> {
         let o = self.output(&["state", id])?;
@@ -142,6 +173,23 @@ pub struct FileOutput {
 impl FileOutput {
     pub fn stdout(&self) -> String {
         std::fs::read_to_string(&self.out).unwrap_or_default()
+    }
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+/// Exit code, stdout read so far and stderr file of [`Husk::spawn_stdout_to_pipe`].
+pub struct PipedOutput {
+    pub code: Option<i32>,
+    stdout: Arc<Mutex<Vec<u8>>>,
+    pub err: PathBuf,
+}
+
+impl PipedOutput {
+    /// What arrived on the pipe so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&self.stdout.lock().unwrap()).into_owned()
     }
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(&self.err).unwrap_or_default()

@@ -47,9 +47,9 @@ fn full_lifecycle_in_one_vm() {
     let pid_file = husk.dir().join("life.pid");
     let pid_file_s = pid_file.to_str().expect("utf-8 path");
 
-    // create
+    // create, its stdout a pipe as conmon passes it (the monitor inherits it)
     let created = husk
-        .spawn_to_files(
+        .spawn_stdout_to_pipe(
             "create",
             &[
                 "create",
@@ -179,7 +179,9 @@ fn full_lifecycle_in_one_vm() {
     assert_eq!(ev["data"]["pids"]["limit"], 50, "{ev}");
     assert_eq!(ev["data"]["memory"]["usage"]["limit"], 64 << 20, "{ev}");
 
-    // the init's output reached the monitor's stdout (the create command's stdout file)
+    // the init's output reached the reader of the monitor's stdout pipe while the init
+    // still runs (a relay that splices from its socket into the pipe would hold the pipe's
+    // lock, and with it these lines, until the container exits)
     let deadline = std::time::Instant::now() + STEP;
     // Both lines: the second comes only after stdin's end-of-file made it through the
     // monitor and the agent, which takes a while in a loaded guest.

@@ -51,6 +51,8 @@ pub trait CgroupHandle: Send + Sync {
 pub struct ProcessHandle {
     pid: Pid,
     pidfd: OwnedFd,
+    /// The master of the pty the process opened for a [`Stdio::Terminal`], until taken.
+    terminal: Option<OwnedFd>,
 }
 
 impl ProcessHandle {
@@ -62,11 +64,52 @@ impl ProcessHandle {
         let fd = Errno::result(fd).sys(|| format!("pidfd_open({pid})"))?;
         // SAFETY: the kernel just returned this fd.
         let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
-        Ok(ProcessHandle { pid, pidfd })
+        Ok(ProcessHandle {
+            pid,
+            pidfd,
+            terminal: None,
+        })
     }
 
     pub fn pid(&self) -> Pid {
         self.pid
+    }
+
+    /// The master of the process's terminal ([`Stdio::Terminal`]), once: non-blocking
+    /// is the caller's to set.
+    pub fn take_terminal(&mut self) -> Option<OwnedFd> {
+        self.terminal.take()
+    }
+
+    /// Receives the process's setup messages until it is set up: `Ready` for a held init
+    /// (`held`), end-of-file (its execve) otherwise. Keeps the terminal master it sends
+    /// on the way, which `terminal` says to expect. `who` names the process in errors.
+    pub(crate) fn await_setup(
+        &mut self,
+        chan: &Channel,
+        held: bool,
+        terminal: bool,
+        who: &str,
+    ) -> Result<()> {
+        loop {
+            match chan.recv(Some(SETUP_TIMEOUT))? {
+                Some(Msg::Terminal(fd)) if terminal && self.terminal.is_none() => {
+                    self.terminal = Some(fd);
+                    continue;
+                }
+                Some(Msg::Ready) if held => {}
+                None if !held => {}
+                None => return Err(Error::Setup(format!("{who} exited during setup"))),
+                Some(Msg::Fail(why)) => return Err(Error::Setup(why)),
+                Some(other) => {
+                    return Err(Error::Setup(format!("unexpected {other:?} from {who}")));
+                }
+            }
+            if terminal && self.terminal.is_none() {
+                return Err(Error::Setup(format!("{who} sent no terminal")));
+            }
+            return Ok(());
+        }
     }
 
     /// Sends `sig`; a process that has exited is not an error (nothing to signal).
@@ -289,7 +332,7 @@ impl Container {
         let rootfs_dir = crate::spec::rootfs_path(spec, bundle)?;
         let rootfs = RootfsPlan::from_spec(spec, &rootfs_dir, user_ns)?;
         let process = ProcessPlan::from_spec(crate::spec::process(spec)?, "process")?;
-        if process.terminal && !matches!(stdio, Stdio::Terminal(_)) {
+        if process.terminal && !matches!(stdio, Stdio::Terminal) {
             return Err(Error::invalid(
                 "process.terminal",
                 "true, but the caller passed no terminal",
@@ -335,14 +378,14 @@ impl Container {
             cg.add_process(pid)?;
         }
         parent.send(&Msg::Go)?;
-        match parent.recv(Some(SETUP_TIMEOUT))? {
-            Some(Msg::Ready) => {}
-            Some(Msg::Fail(why)) => return Err(Error::Setup(why)),
-            Some(other) => return Err(Error::Setup(format!("unexpected {other:?} from init"))),
-            None => return Err(Error::Setup("init exited during setup".into())),
-        }
         guard.process = None;
         drop(guard);
+        let mut init = init;
+        let terminal = matches!(stdio, Stdio::Terminal);
+        if let Err(e) = init.await_setup(&parent, true, terminal, "init") {
+            init.kill_and_wait();
+            return Err(e);
+        }
         tracing::debug!(id, pid = pid.as_raw(), "container created");
         Ok((init, parent, seccomp, ns.new_pid(), handle))
     }
@@ -354,6 +397,11 @@ impl Container {
     /// The init's pid (in the agent's pid namespace).
     pub fn pid(&self) -> Pid {
         self.init.pid
+    }
+
+    /// The master of the init's terminal (created with [`Stdio::Terminal`]), once.
+    pub fn take_terminal(&mut self) -> Option<OwnedFd> {
+        self.init.take_terminal()
     }
 
     pub fn spec(&self) -> &Spec {

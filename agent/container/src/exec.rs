@@ -7,7 +7,7 @@ use oci_spec::runtime::Process;
 
 use crate::container::{Container, ProcessHandle, Spawner, Status};
 use crate::error::{Error, Result};
-use crate::init::{self, ChildPlan, SETUP_TIMEOUT, Stdio};
+use crate::init::{self, ChildPlan, Stdio};
 use crate::namespaces::open_process_namespaces;
 use crate::process::ProcessPlan;
 use crate::sync::{self, Msg};
@@ -29,7 +29,7 @@ impl Container {
             });
         }
         let plan = ProcessPlan::from_spec(process, "process")?;
-        if plan.terminal && !matches!(stdio, Stdio::Terminal(_)) {
+        if plan.terminal && !matches!(stdio, Stdio::Terminal) {
             return Err(Error::invalid(
                 "process.terminal",
                 "true, but the caller passed no terminal",
@@ -63,17 +63,15 @@ impl Container {
             handle_out = Some(ProcessHandle::open(pid)?);
             Ok(pid)
         })?;
-        let proc_handle = handle_out.ok_or_else(|| Error::Setup(format!("no pidfd for {pid}")))?;
+        let mut proc_handle =
+            handle_out.ok_or_else(|| Error::Setup(format!("no pidfd for {pid}")))?;
+        let terminal = matches!(stdio, Stdio::Terminal);
         let result = (|| {
             if let Some(cg) = &self.cgroup {
                 cg.add_process(pid)?;
             }
             parent.send(&Msg::Go)?;
-            match parent.recv(Some(SETUP_TIMEOUT))? {
-                None => Ok(()),
-                Some(Msg::Fail(why)) => Err(Error::Setup(why)),
-                Some(other) => Err(Error::Setup(format!("unexpected {other:?} from exec"))),
-            }
+            proc_handle.await_setup(&parent, false, terminal, "exec")
         })();
         match result {
             Ok(()) => Ok((proc_handle, handle)),

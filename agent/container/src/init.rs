@@ -48,29 +48,35 @@ use crate::sync::{Channel, Msg};
 /// How long the agent waits for a container process to finish its setup.
 pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// The standard streams of a container process. The caller creates them (pipes, a vsock
-/// stream, a pty); the library only installs them as fds 0-2.
+/// The standard streams of a container process.
 #[derive(Debug)]
 pub enum Stdio {
-    /// Three fds for stdin, stdout, stderr (the same fd may be passed more than once).
+    /// Three fds for stdin, stdout, stderr (the same fd may be passed more than once),
+    /// created by the caller (pipes, a stream); the library installs them as fds 0-2.
     Fds {
         stdin: OwnedFd,
         stdout: OwnedFd,
         stderr: OwnedFd,
     },
-    /// The slave side of a pty: becomes fds 0-2 and the controlling terminal.
-    Terminal(OwnedFd),
+    /// A new pty from the container's own devpts, as runc makes one: the process opens
+    /// the container's `/dev/ptmx` (the init once it is in its root, before the root is
+    /// made read-only; an exec'd process in the joined mount namespace), makes the slave
+    /// its fds 0-2 and controlling terminal (the init also binds it at `/dev/console`)
+    /// and hands the master to the caller: see [`crate::Container::take_terminal`] and
+    /// [`crate::ProcessHandle::take_terminal`]. So `tty` names `/dev/pts/N` of the
+    /// container, and the container needs a devpts at `/dev/pts` (OCI's default mounts).
+    Terminal,
 }
 
 impl Stdio {
-    fn raw(&self) -> [RawFd; 3] {
+    fn raw(&self) -> Vec<RawFd> {
         match self {
             Stdio::Fds {
                 stdin,
                 stdout,
                 stderr,
-            } => [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
-            Stdio::Terminal(t) => [t.as_raw_fd(); 3],
+            } => vec![stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()],
+            Stdio::Terminal => Vec::new(),
         }
     }
 }
@@ -209,9 +215,13 @@ fn stage1(plan: &ChildPlan<'_>, chan: &Channel) -> Result<()> {
     }
 }
 
-/// Installs the caller's stdio as fds 0-2.
-fn install_stdio(stdio: &Stdio, terminal: bool) -> Result<()> {
+/// Installs the caller's fds as fds 0-2 (nothing for a terminal: see
+/// [`open_container_terminal`]).
+fn install_stdio(stdio: &Stdio) -> Result<()> {
     let src = stdio.raw();
+    if src.is_empty() {
+        return Ok(());
+    }
     // Copy above 2 first: a source may itself be 0-2 and be overwritten by an earlier dup2.
     let mut copies = [0; 3];
     for (i, fd) in src.iter().enumerate() {
@@ -225,12 +235,49 @@ fn install_stdio(stdio: &Stdio, terminal: bool) -> Result<()> {
         // SAFETY: the copy is no longer needed.
         unsafe { libc::close(*fd) };
     }
-    if terminal || matches!(stdio, Stdio::Terminal(_)) {
-        // SAFETY: TIOCSCTTY on fd 0 with arg 0 (do not steal).
-        Errno::result(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })
-            .sys(|| "making the pty the controlling terminal".into())?;
-    }
     Ok(())
+}
+
+/// Opens a pty from the devpts behind `/dev/ptmx` of the root this process is in (the
+/// container's), makes its slave fds 0-2 and the controlling terminal, with `console`
+/// binds it at `/dev/console`, and returns the master (close-on-exec).
+fn open_container_terminal(console: bool) -> Result<OwnedFd> {
+    let master = nix::fcntl::open(
+        "/dev/ptmx",
+        nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .sys(|| "opening the container's /dev/ptmx (a terminal needs a devpts at /dev/pts)".into())?;
+    let m = master.as_raw_fd();
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from a valid pointer (unlockpt).
+    Errno::result(unsafe { libc::ioctl(m, libc::TIOCSPTLCK, &unlock) })
+        .sys(|| "unlocking the pty".into())?;
+    let mut number: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int to a valid pointer (ptsname).
+    Errno::result(unsafe { libc::ioctl(m, libc::TIOCGPTN, &mut number) })
+        .sys(|| "reading the pty's number".into())?;
+    // The slave through the master (no path lookup that could land elsewhere).
+    // SAFETY: TIOCGPTPEER returns a new fd we own.
+    let slave =
+        Errno::result(unsafe { libc::ioctl(m, libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY) })
+            .sys(|| "opening the pty's slave".into())?;
+    for target in 0..3 {
+        // SAFETY: plain dup2; the targets lose O_CLOEXEC, as fds 0-2 should.
+        Errno::result(unsafe { libc::dup2(slave, target) })
+            .sys(|| format!("dup2 of the pty's slave to fd {target}"))?;
+    }
+    if slave > 2 {
+        // SAFETY: our own copy, now duplicated to 0-2.
+        unsafe { libc::close(slave) };
+    }
+    // SAFETY: TIOCSCTTY on fd 0 with arg 0 (do not steal); we lead a session of our own.
+    Errno::result(unsafe { libc::ioctl(0, libc::TIOCSCTTY, 0) })
+        .sys(|| "making the pty the controlling terminal".into())?;
+    if console {
+        crate::rootfs::bind_console(&format!("/dev/pts/{number}"))?;
+    }
+    Ok(master)
 }
 
 fn set_hostnames(plan: &ChildPlan<'_>) -> Result<()> {
@@ -265,25 +312,30 @@ fn container_process(plan: &ChildPlan<'_>, chan: &Channel) -> Result<Infallible>
         nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP)
             .sys(|| "unshare cgroup namespace".into())?;
     }
+    let terminal = matches!(plan.stdio, Stdio::Terminal);
     // A session of its own (the init always; exec'd processes when they get a terminal),
     // so the terminal can become controlling and signals to the agent's group miss it.
-    if plan.rootfs.is_some() || matches!(plan.stdio, Stdio::Terminal(_)) {
+    if plan.rootfs.is_some() || terminal {
         nix::unistd::setsid().sys(|| "setsid".into())?;
     }
-    install_stdio(plan.stdio, plan.process.terminal && plan.rootfs.is_some())?;
+    install_stdio(plan.stdio)?;
     set_hostnames(plan)?;
     if let Some(rootfs) = plan.rootfs {
         // umask 0 so device nodes and mount points get exactly the modes asked for.
         // SAFETY: plain syscall.
         let old = unsafe { libc::umask(0) };
         rootfs.prepare()?;
-        if matches!(plan.stdio, Stdio::Terminal(_)) {
-            rootfs.bind_console()?;
-        }
         rootfs.enter()?;
+        // In the container's root, before `finish` may make it read-only (as runc).
+        if terminal {
+            chan.send(&Msg::Terminal(open_container_terminal(true)?))?;
+        }
         rootfs.finish()?;
         // SAFETY: plain syscall.
         unsafe { libc::umask(old) };
+    } else if terminal {
+        // An exec'd process: the joined mount namespace's root is the container's.
+        chan.send(&Msg::Terminal(open_container_terminal(false)?))?;
     }
     let process = plan.process;
     process.apply_limits()?;

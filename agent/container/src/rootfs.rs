@@ -405,29 +405,6 @@ impl RootfsPlan {
         .sys(|| "chown".into())
     }
 
-    /// Child side, for an init with a terminal, after [`prepare`](Self::prepare): binds
-    /// the pty slave on fd 0 at `/dev/console`, as runc does. The pty comes from the
-    /// agent's devpts, not from the container's own devpts instance, so without this
-    /// `ttyname()` finds no name for it and programs report "not a tty". The bind's
-    /// source is the slave's path: the fd itself belongs to a mount of the agent's
-    /// namespace, which mount(2) refuses to bind from (EINVAL); the path resolves in
-    /// this namespace's copy of that mount.
-    pub fn bind_console(&self) -> Result<()> {
-        let slave = std::fs::read_link("/proc/self/fd/0")
-            .sys(|| "reading the terminal's path (/proc/self/fd/0)".into())?;
-        let (_, fd) =
-            safe_path::open_mountpoint(&self.root, Path::new("/dev/console"), Kind::File)?;
-        let target = safe_path::fd_path(&fd);
-        mount(
-            Some(&slave),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .sys(|| format!("binding the terminal {slave:?} at /dev/console"))
-    }
-
     /// Child side: makes the rootfs `/`. pivot_root, unless the current root cannot be
     /// pivoted (the guest's initramfs is `rootfs`, which pivot_root refuses with EINVAL):
     /// then the rootfs is moved over `/` and chrooted into, as `runc --no-pivot` does.
@@ -555,6 +532,31 @@ fn device_plan(d: &LinuxDevice, field: &str) -> Result<DevicePlan> {
         uid: d.uid().unwrap_or(0),
         gid: d.gid().unwrap_or(0),
     })
+}
+
+/// Child side, for an init with a terminal, once in the container's root: binds the pty
+/// slave `slave` (a path in the container's devpts) at `/dev/console`, as runc does. No
+/// process of the container runs yet and every path resolves inside its root, so plain
+/// paths are safe here; /proc may not be mounted.
+pub(crate) fn bind_console(slave: &str) -> Result<()> {
+    let console = safe_path::resolve(Path::new("/"), Path::new("/dev/console"))?;
+    if std::fs::symlink_metadata(&console).is_err() {
+        std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&console)
+            .map(drop)
+            .sys(|| format!("creating {console:?}"))?;
+    }
+    mount(
+        Some(slave),
+        &console,
+        None::<&str>,
+        MsFlags::MS_BIND,
+        None::<&str>,
+    )
+    .sys(|| format!("binding the terminal {slave:?} at /dev/console"))
 }
 
 #[cfg(test)]

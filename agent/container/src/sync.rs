@@ -1,13 +1,18 @@
 //! The agent <-> container-child channel: a SOCK_SEQPACKET socketpair (one datagram per
 //! message, EOF when the other side is gone). The child's end is close-on-exec, so a
-//! successful execve shows up in the agent as EOF.
+//! successful execve shows up in the agent as EOF. One message carries an fd
+//! (SCM_RIGHTS): the master of the terminal the child opened in the container.
 
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::io::{IoSlice, IoSliceMut};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
-use nix::sys::socket::{AddressFamily, MsgFlags, SockFlag, SockType, recv, send, socketpair};
+use nix::sys::socket::{
+    AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, recvmsg,
+    sendmsg, socketpair,
+};
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result, SysContext};
@@ -15,7 +20,7 @@ use crate::error::{Error, Result, SysContext};
 /// Longest message (error texts are cut to fit).
 const MAX_MSG: usize = 4096;
 
-#[derive(Debug, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Msg {
     /// Stage 1 -> agent: the container process's pid (in the agent's pid namespace).
     Pid(Pid),
@@ -27,6 +32,8 @@ pub enum Msg {
     Go,
     /// Agent -> init: exec the user's program.
     Start,
+    /// Child -> agent: the master of the pty whose slave became the child's stdio.
+    Terminal(OwnedFd),
 }
 
 impl Msg {
@@ -40,6 +47,8 @@ impl Msg {
             Msg::Ready => vec![b'R'],
             Msg::Go => vec![b'G'],
             Msg::Start => vec![b'S'],
+            // The fd itself travels as SCM_RIGHTS.
+            Msg::Terminal(_) => vec![b'T'],
             Msg::Fail(text) => {
                 let mut v = vec![b'F'];
                 let mut end = text.len().min(MAX_MSG - 1);
@@ -52,8 +61,13 @@ impl Msg {
         }
     }
 
-    fn decode(buf: &[u8]) -> Option<Msg> {
+    /// `fd`: the one fd that came with the datagram, if any; only `T` may carry one (any
+    /// other is closed when dropped here).
+    fn decode(buf: &[u8], fd: Option<OwnedFd>) -> Option<Msg> {
         let (&tag, rest) = buf.split_first()?;
+        if tag == b'T' {
+            return rest.is_empty().then_some(Msg::Terminal(fd?));
+        }
         Some(match tag {
             b'P' => Msg::Pid(Pid::from_raw(i32::from_le_bytes(rest.try_into().ok()?))),
             b'R' if rest.is_empty() => Msg::Ready,
@@ -84,8 +98,21 @@ pub fn pair() -> Result<(Channel, Channel)> {
 impl Channel {
     pub fn send(&self, msg: &Msg) -> Result<()> {
         let buf = msg.encode();
+        let iov = [IoSlice::new(&buf)];
+        let fds: Vec<RawFd> = match msg {
+            Msg::Terminal(fd) => vec![fd.as_raw_fd()],
+            _ => Vec::new(),
+        };
+        let rights = [ControlMessage::ScmRights(&fds)];
+        let cmsgs: &[ControlMessage] = if fds.is_empty() { &[] } else { &rights };
         loop {
-            match send(self.0.as_raw_fd(), &buf, MsgFlags::MSG_NOSIGNAL) {
+            match sendmsg::<()>(
+                self.0.as_raw_fd(),
+                &iov,
+                cmsgs,
+                MsgFlags::MSG_NOSIGNAL,
+                None,
+            ) {
                 Ok(_) => return Ok(()),
                 Err(Errno::EINTR) => continue,
                 Err(e) => {
@@ -123,10 +150,10 @@ impl Channel {
                 }
             }
             let mut buf = [0u8; MAX_MSG];
-            match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
-                Ok(0) => return Ok(None),
-                Ok(n) => {
-                    return Msg::decode(&buf[..n]).map(Some).ok_or_else(|| {
+            match recv_with_fd(self.0.as_raw_fd(), &mut buf) {
+                Ok((0, _)) => return Ok(None),
+                Ok((n, fd)) => {
+                    return Msg::decode(&buf[..n], fd).map(Some).ok_or_else(|| {
                         Error::Setup("malformed message on the sync socket".into())
                     });
                 }
@@ -148,6 +175,28 @@ impl Channel {
     }
 }
 
+/// One datagram and the first fd that came with it (close-on-exec); any further fds are
+/// closed.
+fn recv_with_fd(
+    sock: RawFd,
+    buf: &mut [u8],
+) -> std::result::Result<(usize, Option<OwnedFd>), Errno> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 2]);
+    let msg = recvmsg::<()>(sock, &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)?;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for cmsg in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = cmsg {
+            // SAFETY: the kernel just installed these fds in this process for us.
+            fds.extend(
+                raw.into_iter()
+                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+            );
+        }
+    }
+    Ok((msg.bytes, fds.into_iter().next()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -163,13 +212,34 @@ mod tests {
             Msg::Fail("x: y".into()),
         ] {
             a.send(&m).unwrap();
-            assert_eq!(b.recv(Some(Duration::from_secs(1))).unwrap(), Some(m));
+            let got = b.recv(Some(Duration::from_secs(1))).unwrap();
+            assert_eq!(format!("{got:?}"), format!("{:?}", Some(m)));
         }
         assert!(
             b.recv(Some(Duration::from_millis(20))).is_err(),
             "timeout expected"
         );
         drop(a);
-        assert_eq!(b.recv(None).unwrap(), None);
+        assert!(b.recv(None).unwrap().is_none());
+    }
+
+    #[test]
+    fn a_terminal_message_carries_its_fd() {
+        let (a, b) = pair().unwrap();
+        let (r, w) = nix::unistd::pipe().unwrap();
+        a.send(&Msg::Terminal(w)).unwrap();
+        let Some(Msg::Terminal(got)) = b.recv(Some(Duration::from_secs(1))).unwrap() else {
+            panic!("expected a terminal message");
+        };
+        let flags = nix::fcntl::fcntl(&got, nix::fcntl::FcntlArg::F_GETFD).unwrap();
+        assert_ne!(
+            flags & libc::FD_CLOEXEC,
+            0,
+            "received fds are close-on-exec"
+        );
+        nix::unistd::write(&got, b"x").unwrap();
+        let mut buf = [0u8; 1];
+        assert_eq!(nix::unistd::read(&r, &mut buf).unwrap(), 1);
+        assert_eq!(&buf, b"x");
     }
 }

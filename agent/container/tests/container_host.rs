@@ -96,6 +96,8 @@ const APPLETS: &[&str] = &[
     "test",
     "true",
     "domainname",
+    "tty",
+    "stty",
 ];
 
 /// A busybox rootfs in a temp dir: bin/ with applet links, etc/passwd and group, dirs.
@@ -583,6 +585,88 @@ fn seccomp_filter_applies_to_init_and_exec() {
     );
     assert_eq!(r.container.status(), Status::Stopped);
     r.container.delete().unwrap();
+}
+
+/// Reads a pty master until what it yielded (\r removed) ends with `end`, or until its
+/// slave side is closed for good (EIO) when `end` is empty.
+fn read_terminal(master: &mut std::fs::File, end: &str) -> String {
+    let mut out = String::new();
+    let mut buf = [0u8; 1024];
+    while end.is_empty() || !out.ends_with(end) {
+        match master.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => out.push_str(&String::from_utf8_lossy(&buf[..n]).replace('\r', "")),
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => break,
+            Err(e) => panic!("reading the terminal: {e}"),
+        }
+    }
+    out
+}
+
+/// As with runc: the init's terminal is a pty of the container's own devpts, bound at
+/// /dev/console (before the root is made read-only); an exec'd process gets the next one.
+#[test]
+fn terminal_comes_from_the_containers_devpts() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let rootfs = Rootfs::new();
+    let mut spec = base_spec(
+        "tty; test /dev/console -ef /dev/pts/0 && echo console-is-pts0; stty size; sleep 100",
+    );
+    spec["process"]["terminal"] = json!(true);
+    spec["root"]["readonly"] = json!(true);
+    spec["mounts"].as_array_mut().unwrap().push(json!({
+        "destination": "/dev/pts", "type": "devpts", "source": "devpts",
+        "options": ["nosuid", "noexec", "newinstance", "ptmxmode=0666", "mode=0620"],
+    }));
+    let parsed = spec::parse(&spec.to_string()).unwrap();
+    let (mut container, exit) = Container::create(
+        CreateOptions {
+            id: "tty".into(),
+            bundle: rootfs.bundle().to_owned(),
+            spec: parsed,
+            stdio: Stdio::Terminal,
+            cgroup: None,
+        },
+        TestReaper::get().as_ref(),
+    )
+    .expect("create");
+    let master = container.take_terminal().expect("the init's terminal");
+    assert!(container.take_terminal().is_none(), "handed over once");
+    let size = libc::winsize {
+        ws_row: 33,
+        ws_col: 77,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    // SAFETY: TIOCSWINSZ reads one winsize.
+    assert_eq!(
+        unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&master),
+                libc::TIOCSWINSZ,
+                &size,
+            )
+        },
+        0
+    );
+    container.start().expect("start");
+
+    let mut process: oci_spec::runtime::Process =
+        serde_json::from_value(spec["process"].clone()).unwrap();
+    process.set_args(Some(vec!["tty".into()]));
+    let (mut handle, exec_exit) = container
+        .exec(&process, Stdio::Terminal, TestReaper::get().as_ref())
+        .expect("exec with a terminal");
+    let mut exec_master = std::fs::File::from(handle.take_terminal().expect("the exec's terminal"));
+    assert!(matches!(wait_status(&exec_exit), WaitStatus::Exited(_, 0)));
+    assert_eq!(read_terminal(&mut exec_master, ""), "/dev/pts/1\n");
+
+    let mut master = std::fs::File::from(master);
+    let out = read_terminal(&mut master, "77\n");
+    assert_eq!(out, "/dev/pts/0\nconsole-is-pts0\n33 77\n");
+    container.signal(Signal::SIGKILL, true).unwrap();
+    wait_status(&exit);
+    container.delete().unwrap();
 }
 
 // ---------- bad input leaves nothing behind ----------

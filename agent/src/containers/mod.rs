@@ -455,13 +455,24 @@ impl Containers {
             Container::create(opts, &reaper).map_err(|e| Failure::lib("create", e))
         })
         .await;
-        let (container, exit) = match created {
+        let (mut container, exit) = match created {
             Ok(c) => c,
             Err(e) => {
                 stdio::release(&self.broker, &streams);
                 return Err(Failure::new(e.code, &what, e.message));
             }
         };
+        if let Err(e) =
+            stdio::set_terminal(&self.broker, &what, &streams, container.take_terminal())
+        {
+            stdio::release(&self.broker, &streams);
+            if let Err(d) =
+                blocking(move || container.delete().map_err(|e| Failure::lib("delete", e))).await
+            {
+                tracing::warn!(id, "removing a container whose terminal failed: {d}");
+            }
+            return Err(e);
+        }
         let pid = container.pid();
         let oom_task = cgroup.as_ref().and_then(|cg| self.watch_oom(id, cg));
         let init = Proc {
@@ -631,7 +642,7 @@ impl Containers {
                         .map_err(|e| Failure::lib(w, e))
                 })
                 .await;
-            let (handle, exit) = match spawned {
+            let (mut handle, exit) = match spawned {
                 Ok(s) => s,
                 Err(e) => {
                     // Only streams this request registered: prepare succeeded.
@@ -639,6 +650,13 @@ impl Containers {
                     return Err(e);
                 }
             };
+            if let Err(e) =
+                stdio::set_terminal(&self.broker, &what, &streams, handle.take_terminal())
+            {
+                stdio::release(&self.broker, &streams);
+                let _ = handle.signal(nix::sys::signal::Signal::SIGKILL);
+                return Err(e);
+            }
             Ok::<_, Failure>(Proc {
                 pid: handle.pid(),
                 handle: Some(handle),

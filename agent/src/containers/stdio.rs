@@ -2,6 +2,7 @@
 //! the stdio broker (`crate::stdio`) for the others.
 
 use std::fs::File;
+use std::os::fd::OwnedFd;
 
 use husk_container::Stdio;
 use husk_protocol::agent::StdioStreams;
@@ -116,6 +117,25 @@ fn prepare_failure(what: &str, e: StdioError) -> Failure {
         }
         _ => Failure::invalid(what, e),
     }
+}
+
+/// Makes the pty master that a terminal process opened in its container (`master`, from
+/// the library) its terminal stream. Nothing to do for a process without a terminal.
+pub fn set_terminal(
+    broker: &Broker,
+    what: &str,
+    ids: &StreamIds,
+    master: Option<OwnedFd>,
+) -> Result<(), Failure> {
+    let Some(tty) = ids.terminal.as_deref() else {
+        return Ok(());
+    };
+    let Some(master) = master else {
+        return Err(Failure::internal(what, "the process opened no terminal"));
+    };
+    broker
+        .set_terminal(tty, master)
+        .map_err(|e| prepare_failure(&format!("{what}: terminal"), e))
 }
 
 /// Forgets every stream of a process that is gone or never started: the agent's ends

@@ -39,7 +39,9 @@ pub fn dev_null(write: bool) -> io::Result<OwnedFd> {
     Ok(file.into())
 }
 
-/// A new pty: `(master, slave)`, both close-on-exec, the master non-blocking.
+/// A new pty: `(master, slave)`, both close-on-exec, the master non-blocking (tests stand
+/// in for a container process that opened one).
+#[cfg(test)]
 pub fn pty() -> io::Result<(OwnedFd, OwnedFd)> {
     let pty = nix::pty::openpty(None, None)?;
     for fd in [&pty.master, &pty.slave] {

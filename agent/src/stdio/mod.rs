@@ -19,7 +19,8 @@
 //!    side, then discards up to 1 MiB / 1 s of whatever the host sent after the request,
 //!    so that the close does not reset the connection before the host has read the
 //!    reason). Reasons: `unknown stream id`, `already attached`, `stdin already closed`,
-//!    `terminal input goes through the terminal stream`, `malformed request: expected
+//!    `terminal input goes through the terminal stream`, `terminal not created yet`,
+//!    `malformed request: expected
 //!    ATTACH <stream-id>`, `invalid stream id`, `request line too long`. A connection
 //!    closed before a complete line gets no answer. At most 64 connections may be in
 //!    this handshake at once; more are closed unanswered.
@@ -30,7 +31,8 @@
 //! # Semantics
 //!
 //! - Each stream attaches once. A stream can be attached before the process starts or
-//!   after it has exited.
+//!   after it has exited; a terminal stream once the create/exec request naming it has
+//!   returned (the process opens its pty in the container's devpts during its setup).
 //! - Output is not lost before the host attaches: the agent does not read a pipe or pty
 //!   until then; the pipe (1 MiB where the kernel allows) and then the process's blocking
 //!   write hold it.
@@ -91,9 +93,11 @@ pub struct StdioRequest {
     pub stdin: Option<String>,
     pub stdout: Option<String>,
     pub stderr: Option<String>,
-    /// A pty: the process gets the slave as fds 0-2, the host the master as this stream.
-    /// `stdout`/`stderr` must then be `None`; `stdin`, if set, names the terminal's input
-    /// for [`StdioBroker::close_stdin`] only.
+    /// A pty: the process opens it in its container and gets the slave as fds 0-2 (see
+    /// [`husk_container::Stdio::Terminal`]); the master, handed to
+    /// [`StdioBroker::set_terminal`], becomes this stream. `stdout`/`stderr` must then be
+    /// `None`; `stdin`, if set, names the terminal's input for
+    /// [`StdioBroker::close_stdin`] only.
     pub terminal: Option<String>,
 }
 
@@ -125,6 +129,8 @@ pub enum StdioError {
     NotStdin(String),
     #[error("stream {0:?} is not a terminal")]
     NotTerminal(String),
+    #[error("the terminal of stream {0:?} does not exist yet (its process is being set up)")]
+    TerminalPending(String),
     #[error("{what}: {source}")]
     Sys {
         what: String,
@@ -151,9 +157,10 @@ enum Entry {
         token: u64,
         pipe: Option<OwnedFd>,
     },
+    /// A pty; `master` is `None` until the process has opened it.
     Terminal {
         token: u64,
-        master: SharedFd,
+        master: Option<SharedFd>,
         attached: bool,
         stdin_alias: Option<String>,
     },
@@ -188,6 +195,8 @@ enum Refusal {
     StdinClosed,
     #[error("terminal input goes through the terminal stream")]
     TerminalStdin,
+    #[error("terminal not created yet")]
+    TerminalPending,
 }
 
 struct Inner {
@@ -229,9 +238,10 @@ impl StdioBroker {
         self.inner.next_token.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Pipes or a pty for one process; registers the agent-side ends under the host's
-    /// stream ids (the host attaches them later on the stdio port); returns what the
-    /// process gets. Nothing is registered if this fails.
+    /// Pipes for one process, or the promise of a pty it opens itself; registers the
+    /// agent-side ends under the host's stream ids (the host attaches them later on the
+    /// stdio port; a terminal once [`set_terminal`](Self::set_terminal) gave its master);
+    /// returns what the process gets. Nothing is registered if this fails.
     pub fn prepare(&self, req: StdioRequest) -> Result<PreparedStdio, StdioError> {
         let ids = [&req.stdin, &req.stdout, &req.stderr, &req.terminal];
         let ids: Vec<&String> = ids.into_iter().flatten().collect();
@@ -249,12 +259,11 @@ impl StdioBroker {
             if req.stdout.is_some() || req.stderr.is_some() {
                 return Err(StdioError::TerminalWithOutput);
             }
-            let (master, slave) = fds::pty().map_err(sys("allocating a pty"))?;
             entries.push((
                 tty.clone(),
                 Entry::Terminal {
                     token: self.token(),
-                    master: SharedFd(Arc::new(master)),
+                    master: None,
                     attached: false,
                     stdin_alias: req.stdin.clone(),
                 },
@@ -262,7 +271,7 @@ impl StdioBroker {
             if let Some(stdin) = &req.stdin {
                 entries.push((stdin.clone(), Entry::TerminalStdin { tty: tty.clone() }));
             }
-            Stdio::Terminal(slave)
+            Stdio::Terminal
         } else {
             let stdin = match &req.stdin {
                 None => fds::dev_null(false).map_err(sys("opening /dev/null"))?,
@@ -313,6 +322,24 @@ impl StdioBroker {
         Ok(PreparedStdio { stdio })
     }
 
+    /// Gives terminal stream `tty_stream_id` the pty master its process opened. Fails,
+    /// closing `master`, if the stream is gone (released meanwhile) or already has one.
+    pub fn set_terminal(&self, tty_stream_id: &str, master: OwnedFd) -> Result<(), StdioError> {
+        fds::set_nonblocking(&master).map_err(sys("setting up the terminal"))?;
+        let mut streams = self.lock();
+        match streams.get_mut(tty_stream_id) {
+            Some(Entry::Terminal { master: slot, .. }) if slot.is_none() => {
+                *slot = Some(SharedFd(Arc::new(master)));
+                Ok(())
+            }
+            Some(Entry::Terminal { .. }) => {
+                Err(StdioError::StreamIdInUse(tty_stream_id.to_owned()))
+            }
+            Some(_) => Err(StdioError::NotTerminal(tty_stream_id.to_owned())),
+            None => Err(StdioError::UnknownStream(tty_stream_id.to_owned())),
+        }
+    }
+
     /// Closes the process's stdin: at once if the stream is not attached (a later ATTACH
     /// is refused), else by ending the attached stream. For a terminal (its stream id or
     /// its stdin id), writes the terminal's EOF character. Idempotent while the stream is
@@ -340,6 +367,9 @@ impl StdioBroker {
         let Some(Entry::Terminal { master, .. }) = streams.get(&tty_id) else {
             return Err(StdioError::UnknownStream(tty_id));
         };
+        let Some(master) = master else {
+            return Err(StdioError::TerminalPending(tty_id));
+        };
         fds::send_terminal_eof(&master.0).map_err(sys(format!(
             "writing end-of-file to the terminal of stream {tty_id:?}"
         )))
@@ -350,10 +380,15 @@ impl StdioBroker {
         let streams = self.lock();
         match streams.get(tty_stream_id) {
             None => Err(StdioError::UnknownStream(tty_stream_id.to_owned())),
-            Some(Entry::Terminal { master, .. }) => fds::set_window_size(&master.0, rows, cols)
-                .map_err(sys(format!(
-                    "setting the window size of terminal stream {tty_stream_id:?}"
-                ))),
+            Some(Entry::Terminal {
+                master: Some(master),
+                ..
+            }) => fds::set_window_size(&master.0, rows, cols).map_err(sys(format!(
+                "setting the window size of terminal stream {tty_stream_id:?}"
+            ))),
+            Some(Entry::Terminal { master: None, .. }) => {
+                Err(StdioError::TerminalPending(tty_stream_id.to_owned()))
+            }
             Some(_) => Err(StdioError::NotTerminal(tty_stream_id.to_owned())),
         }
     }
@@ -413,6 +448,9 @@ impl StdioBroker {
                 if *attached {
                     return Err(Refusal::AlreadyAttached);
                 }
+                let Some(master) = master else {
+                    return Err(Refusal::TerminalPending);
+                };
                 *attached = true;
                 Ok((*token, Attachment::Terminal(master.clone())))
             }

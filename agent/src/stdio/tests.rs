@@ -74,17 +74,34 @@ fn ids(stdin: Option<&str>, stdout: Option<&str>, stderr: Option<&str>) -> Stdio
 fn spawn(script: &str, stdio: Stdio) {
     let mut cmd = std::process::Command::new("/bin/sh");
     cmd.arg("-c").arg(script);
-    let dup = |fd: &OwnedFd| fd.try_clone().expect("dup");
     match stdio {
         Stdio::Fds {
             stdin,
             stdout,
             stderr,
         } => cmd.stdin(stdin).stdout(stdout).stderr(stderr),
-        Stdio::Terminal(t) => cmd.stdin(dup(&t)).stdout(dup(&t)).stderr(t),
+        Stdio::Terminal => panic!("a terminal process: use spawn_on_terminal"),
     };
     // Not waited for: see the module comment. Dropping a Child neither waits nor kills.
     drop(cmd.spawn().expect("spawn /bin/sh"));
+}
+
+/// Stands in for a container process that opened a pty (`prepared` is what the broker
+/// gave it): hands the master to the broker as `tty`'s stream and runs `sh -c script`
+/// on the slave.
+fn spawn_on_terminal(broker: &StdioBroker, tty: &str, prepared: Stdio, script: &str) {
+    assert!(matches!(prepared, Stdio::Terminal), "{prepared:?}");
+    let (master, slave) = fds::pty().expect("pty");
+    broker.set_terminal(tty, master).expect("set_terminal");
+    let dup = |fd: &OwnedFd| fd.try_clone().expect("dup");
+    spawn(
+        script,
+        Stdio::Fds {
+            stdin: dup(&slave),
+            stdout: dup(&slave),
+            stderr: slave,
+        },
+    );
 }
 
 async fn read_all(s: &mut UnixStream) -> Vec<u8> {
@@ -325,8 +342,21 @@ fn terminal(tty: &str, stdin: Option<&str>) -> StdioRequest {
 async fn terminal_stream_is_a_pty_with_window_size() {
     let h = harness();
     let p = h.broker.prepare(terminal("t1", None)).expect("prepare");
-    h.broker.resize("t1", 40, 100).expect("resize before start");
-    spawn("tty; stty size; read x; stty size", p.stdio);
+    // Until its process has opened the pty, the stream exists but has no terminal.
+    assert_eq!(h.refused("t1").await, "terminal not created yet");
+    assert!(matches!(
+        h.broker.resize("t1", 40, 100),
+        Err(StdioError::TerminalPending(_))
+    ));
+    spawn_on_terminal(
+        &h.broker,
+        "t1",
+        p.stdio,
+        "tty; stty size; read x; stty size",
+    );
+    h.broker
+        .resize("t1", 40, 100)
+        .expect("resize before attach");
     let mut t = h.attach("t1").await;
     let first = read_until(&mut t, "40 100\r\n").await;
     assert!(first.contains("/dev/pts/"), "{first:?}");
@@ -346,7 +376,7 @@ async fn terminal_close_stdin_sends_eof_through_its_stdin_id() {
         .broker
         .prepare(terminal("t2", Some("t2-in")))
         .expect("prepare");
-    spawn("cat; echo bye", p.stdio);
+    spawn_on_terminal(&h.broker, "t2", p.stdio, "cat; echo bye");
     let mut t = h.attach("t2").await;
     assert_eq!(
         h.refused("t2-in").await,
@@ -366,7 +396,7 @@ async fn terminal_close_stdin_sends_eof_through_its_stdin_id() {
 async fn terminal_output_before_attach_is_not_lost() {
     let h = harness();
     let p = h.broker.prepare(terminal("t3", None)).expect("prepare");
-    spawn("echo early", p.stdio);
+    spawn_on_terminal(&h.broker, "t3", p.stdio, "echo early");
     tokio::time::sleep(Duration::from_millis(500)).await;
     let mut t = h.attach("t3").await;
     assert_eq!(read_string(&mut t).await, "early\r\n");

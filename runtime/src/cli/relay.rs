@@ -78,6 +78,31 @@ async fn attach(target: &Target, id: &str) -> Result<UnixStream> {
     Ok(std)
 }
 
+/// Bytes moved per read/write of a relay.
+const RELAY_BUF: usize = 64 * 1024;
+
+/// Copies `from` to `to` until end-of-file, through a buffer.
+///
+/// Not `io::copy`: on Linux it uses splice(2) when either side is a pipe, and a splice
+/// from a socket into a pipe holds the pipe's lock while it waits for socket data. The
+/// pipe's reader (conmon, or anything reading `husk create`'s stdout) then blocks on that
+/// lock and cannot read the bytes already moved until more data or end-of-file arrives:
+/// a container's early output would show up only when it exits.
+fn copy_through_buffer(from: &mut impl Read, to: &mut impl Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; RELAY_BUF];
+    let mut total = 0u64;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
 fn spawn_copy<W: Write + Send + 'static>(
     name: &str,
     mut from: impl Read + Send + 'static,
@@ -88,7 +113,7 @@ fn spawn_copy<W: Write + Send + 'static>(
     std::thread::Builder::new()
         .name(format!("relay-{name}"))
         .spawn(move || {
-            let result = io::copy(&mut from, &mut to);
+            let result = copy_through_buffer(&mut from, &mut to);
             let _ = to.flush();
             if let Err(e) = result {
                 tracing::debug!("stdio relay ended: {e}");
@@ -215,4 +240,45 @@ pub fn winsize(fd: RawFd) -> Option<(u16, u16)> {
     // SAFETY: TIOCGWINSZ writes one winsize into the struct we own.
     let rc = unsafe { libc::ioctl(fd, libc::TIOCGWINSZ, &mut ws) };
     (rc == 0 && ws.ws_row > 0 && ws.ws_col > 0).then_some((ws.ws_row, ws.ws_col))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A relay from a socket into a pipe (conmon's stdout for `husk create`) hands each
+    /// chunk to the pipe's reader while the socket stays open, not only at end-of-file.
+    #[test]
+    fn output_reaches_a_pipe_reader_before_end_of_file() {
+        let (mut guest, host) = UnixStream::pair().unwrap();
+        let (pipe_r, pipe_w) = nix::unistd::pipe().unwrap();
+        let (done_tx, done_rx) = mpsc::channel();
+        spawn_copy("test-out", host, File::from(pipe_w), |_| {}, Some(done_tx)).unwrap();
+        let (got_tx, got_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut pipe = File::from(pipe_r);
+            let mut buf = [0u8; 64];
+            loop {
+                match pipe.read(&mut buf) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => {
+                        if got_tx.send(buf[..n].to_vec()).is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+        });
+
+        guest.write_all(b"early-line\n").unwrap();
+        let early = got_rx.recv_timeout(Duration::from_secs(5));
+        // End the stream either way, so a relay that holds the bytes lets the reader go.
+        guest.shutdown(std::net::Shutdown::Write).unwrap();
+        assert_eq!(
+            early.as_deref(),
+            Ok(&b"early-line\n"[..]),
+            "the pipe's reader got the line while the stream was still open"
+        );
+        done_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    }
 }
