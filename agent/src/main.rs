@@ -8,6 +8,7 @@ mod containers;
 mod guest;
 mod init;
 mod logger;
+mod network;
 mod power;
 mod reaper;
 mod service;
@@ -214,7 +215,7 @@ fn run_server(
         // The container RPCs register streams with the broker the stdio listener serves.
         let containers =
             Containers::new(mode, state_dir(mode), reaper.clone(), stdio_broker.clone());
-        let agent = Arc::new(Agent::new(shutdown.clone(), containers));
+        let agent = Arc::new(Agent::new(shutdown.clone(), containers, mode));
         let mut server = ttrpc::r#async::Server::new()
             .bind(listen)
             .map_err(listen_err)?

@@ -1,23 +1,24 @@
 //! The ttrpc `AgentService` implementation.
 //!
-//! This file only maps RPCs to the modules doing the work (`guest`, `containers`) and turns
-//! their typed errors into ttrpc statuses following the convention in agent.proto: a gRPC
-//! code plus a message "<what>: <why>".
+//! This file only maps RPCs to the modules doing the work (`guest`, `containers`,
+//! `network`) and turns their typed errors into ttrpc statuses following the convention in
+//! agent.proto: a gRPC code plus a message "<what>: <why>".
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use async_trait::async_trait;
 use husk_protocol::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, CloseStdinResponse, CreateContainerRequest,
-    CreateContainerResponse, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest,
-    DestroySandboxResponse, ExecProcessRequest, ExecProcessResponse, GetGuestDetailsRequest,
-    GetGuestDetailsResponse, GetOOMEventRequest, GetOOMEventResponse, ListProcessesRequest,
-    ListProcessesResponse, PauseContainerRequest, PauseContainerResponse, RemoveContainerRequest,
-    RemoveContainerResponse, ResumeContainerRequest, ResumeContainerResponse, ServingStatus,
-    SignalProcessRequest, SignalProcessResponse, StartContainerRequest, StartContainerResponse,
-    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, TtyWinResizeResponse,
-    UpdateContainerRequest, UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
+    CheckRequest, CheckResponse, CloseStdinRequest, CloseStdinResponse, ConfigureNetworkRequest,
+    ConfigureNetworkResponse, CreateContainerRequest, CreateContainerResponse,
+    CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest, DestroySandboxResponse,
+    ExecProcessRequest, ExecProcessResponse, GetGuestDetailsRequest, GetGuestDetailsResponse,
+    GetOOMEventRequest, GetOOMEventResponse, ListProcessesRequest, ListProcessesResponse,
+    PauseContainerRequest, PauseContainerResponse, RemoveContainerRequest, RemoveContainerResponse,
+    ResumeContainerRequest, ResumeContainerResponse, ServingStatus, SignalProcessRequest,
+    SignalProcessResponse, StartContainerRequest, StartContainerResponse, StatsContainerRequest,
+    StatsContainerResponse, TtyWinResizeRequest, TtyWinResizeResponse, UpdateContainerRequest,
+    UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
 };
 use husk_protocol::agent_ttrpc::AgentService;
 use tokio::sync::Notify;
@@ -25,7 +26,7 @@ use ttrpc::Code;
 use ttrpc::r#async::TtrpcContext;
 use ttrpc::error::get_rpc_status;
 
-use crate::containers::{Containers, Failure};
+use crate::containers::{Containers, Failure, Mode};
 
 /// Shared agent state, one per agent process.
 pub struct Agent {
@@ -34,14 +35,16 @@ pub struct Agent {
     /// Woken once when the agent must stop (after the reply has been sent).
     shutdown: Arc<Notify>,
     containers: Containers,
+    mode: Mode,
 }
 
 impl Agent {
-    pub fn new(shutdown: Arc<Notify>, containers: Containers) -> Self {
+    pub fn new(shutdown: Arc<Notify>, containers: Containers, mode: Mode) -> Self {
         Self {
             shutting_down: AtomicBool::new(false),
             shutdown,
             containers,
+            mode,
         }
     }
 
@@ -292,5 +295,21 @@ impl AgentService for Agent {
             .await
             .map_err(status)?;
         Ok(CloseStdinResponse::new())
+    }
+
+    async fn configure_network(
+        &self,
+        _ctx: &TtrpcContext,
+        req: ConfigureNetworkRequest,
+    ) -> ttrpc::Result<ConfigureNetworkResponse> {
+        self.serving("ConfigureNetwork")?;
+        if self.mode == Mode::Host {
+            crate::network::ensure_own_namespace().map_err(status)?;
+        }
+        tokio::task::spawn_blocking(move || crate::network::configure(&req))
+            .await
+            .map_err(|e| internal("ConfigureNetwork task", e))?
+            .map_err(status)?;
+        Ok(ConfigureNetworkResponse::new())
     }
 }

@@ -10,6 +10,10 @@
 //! full-size frames back unchanged, which proves frames flow both ways without any guest
 //! user space.
 //!
+//! The same VM then gets a second configuration from its agent (ConfigureNetwork, the
+//! pod network's path): the NIC, found by its MAC, is renamed, gets another address and
+//! MTU and a route, and the guest kernel answers on that address through that route.
+//!
 //! Skips without KVM, or when it cannot create a network namespace (not root).
 //! `HUSK_TEST_CONSOLE=1` keeps the guest console in the VM's log on failure.
 
@@ -28,6 +32,12 @@ const TAP: &str = "husk-vmnet0";
 const HOST_IP: &str = "10.200.1.1";
 const GUEST_IP: &str = "10.200.1.2";
 const GUEST_MAC: &str = "02:48:55:53:4b:01";
+/// What ConfigureNetwork gives the NIC: another subnet, and a route to a third one
+/// through the host's address on the second.
+const HOST_IP2: &str = "10.200.2.1";
+const GUEST_IP2: &str = "10.200.2.2";
+const HOST_IP3: &str = "10.200.3.1";
+const GUEST_IFNAME2: &str = "pod0";
 /// How long one exchange with the guest may take. Generous: on nested-PVM hosts the guest
 /// kernel sometimes runs the receive path a second or more after the device delivered
 /// the frame and raised the interrupt (seen in the device's own timestamps), and TCP
@@ -219,6 +229,105 @@ fn icmp_echo(dst: Ipv4Addr, seq: u16, payload: &[u8]) -> Result<Vec<u8>, String>
     Err(format!("no echo reply within {EXCHANGE_TIMEOUT:?}"))
 }
 
+/// A TCP connection attempt from the host's `src` address to `dst`: `Ok` when the guest
+/// refused it (its RST, sent back to `src`, arrived).
+fn refused_from(src: Ipv4Addr, dst: SocketAddr) -> Result<(), String> {
+    let os_err = |what: &str| format!("{what}: {}", std::io::Error::last_os_error());
+    let SocketAddr::V4(dst) = dst else {
+        return Err("IPv4 only".into());
+    };
+    let sockaddr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from_ne_bytes(ip.octets()),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket(2); the fd is owned right away.
+    let raw = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if raw < 0 {
+        return Err(os_err("TCP socket"));
+    }
+    // SAFETY: `raw` is a fresh fd nobody else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let timeout = libc::timeval {
+        tv_sec: EXCHANGE_TIMEOUT.as_secs() as libc::time_t,
+        tv_usec: 0,
+    };
+    let from = sockaddr(src, 0);
+    let to = sockaddr(*dst.ip(), dst.port());
+    // SAFETY: the option value and addresses are valid for their lengths during each call.
+    unsafe {
+        if libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_SNDTIMEO,
+            (&timeout as *const libc::timeval).cast(),
+            std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+        ) != 0
+        {
+            return Err(os_err("SO_SNDTIMEO"));
+        }
+        if libc::bind(
+            fd.as_raw_fd(),
+            (&from as *const libc::sockaddr_in).cast(),
+            len,
+        ) != 0
+        {
+            return Err(os_err("binding the source address"));
+        }
+        if libc::connect(
+            fd.as_raw_fd(),
+            (&to as *const libc::sockaddr_in).cast(),
+            len,
+        ) == 0
+        {
+            return Err("connection accepted by a closed port".into());
+        }
+    }
+    match std::io::Error::last_os_error() {
+        e if e.kind() == ErrorKind::ConnectionRefused => Ok(()),
+        e => Err(e.to_string()),
+    }
+}
+
+/// ConfigureNetwork through the VM's agent: the NIC (by MAC) is renamed and gets a second
+/// address, an MTU and a route to the host's third subnet.
+fn configure_through_the_agent(vsock: &Path) -> Result<(), String> {
+    use husk_protocol::agent::{ConfigureNetworkRequest, Interface, Route};
+    use husk_protocol::client::{Target, connect_with_retry};
+
+    let mut iface = Interface::new();
+    iface.mac = GUEST_MAC.to_uppercase();
+    iface.name = GUEST_IFNAME2.into();
+    iface.addresses = vec![format!("{GUEST_IP2}/24")];
+    iface.mtu = 1400;
+    let mut route = Route::new();
+    route.destination = "10.200.3.0/24".into();
+    route.gateway = HOST_IP2.into();
+    route.device = GUEST_IFNAME2.into();
+    let mut req = ConfigureNetworkRequest::new();
+    req.interfaces = vec![iface];
+    req.routes = vec![route];
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
+    rt.block_on(async {
+        let client =
+            connect_with_retry(&Target::hybrid_vsock(vsock), Instant::now() + BOOT_TIMEOUT)
+                .await
+                .map_err(|e| e.to_string())?;
+        client
+            .configure_network(&req)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
 /// The packet count of the tap's "RX:" or "TX:" statistics in `ip -s link show`.
 fn link_packets(dir: &str) -> u64 {
     let out = ip(&["-s", "link", "show", "dev", TAP]);
@@ -308,6 +417,28 @@ fn vm_nic_on_a_tap_talks_to_the_host() {
             "frames from the guest on the tap"
         );
         assert!(link_packets("TX:") >= 31, "frames to the guest on the tap");
+
+        // The agent's path: the reply to HOST_IP3 needs the route it adds (renaming took
+        // the link down, which dropped the command line's routes).
+        ip(&["addr", "add", &format!("{HOST_IP2}/24"), "dev", TAP]);
+        ip(&["addr", "add", &format!("{HOST_IP3}/24"), "dev", TAP]);
+        configure_through_the_agent(&dir_path.join("vsock.sock"))
+            .unwrap_or_else(|e| panic!("ConfigureNetwork: {e}{}", vm.diagnostics()));
+        let guest2: SocketAddr = format!("{GUEST_IP2}:9").parse().unwrap();
+        let deadline = Instant::now() + EXCHANGE_TIMEOUT * 3;
+        while let Err(last) = refused_from(HOST_IP3.parse().unwrap(), guest2) {
+            assert!(
+                Instant::now() < deadline,
+                "the guest never answered {HOST_IP3} on {GUEST_IP2} (last: {last}){}",
+                vm.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        let neigh = ip(&["neigh", "show", GUEST_IP2, "dev", TAP]);
+        assert!(
+            neigh.contains(GUEST_MAC),
+            "neighbour entry {neigh:?} lacks {GUEST_MAC}"
+        );
 
         let log = vm.log("vmm.log");
         assert!(

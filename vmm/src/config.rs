@@ -55,9 +55,11 @@ pub struct Cli {
     /// Repeatable. Guest RAM becomes a shared memfd (see docs/architecture.md).
     #[arg(long = "fs", value_name = "SPEC")]
     pub fs: Vec<String>,
-    /// virtio-net device on an existing host tap: tap=NAME[,mac=AA:BB:CC:DD:EE:FF].
-    /// Repeatable. Without mac= the address is derived from the tap name (locally
-    /// administered, the same on every run).
+    /// virtio-net device on an existing host tap:
+    /// tap=NAME[,mac=AA:BB:CC:DD:EE:FF][,netns=PATH]. Repeatable. Without mac= the
+    /// address is derived from the tap name (locally administered, the same on every
+    /// run). netns= opens the tap in that network namespace (e.g. /var/run/netns/NAME,
+    /// a pod's) while the VMM stays in its own.
     #[arg(long = "net", value_name = "SPEC")]
     pub net: Vec<String>,
     /// virtio-rng device: on|off [default: on].
@@ -226,11 +228,13 @@ impl FromStr for FsSpec {
     }
 }
 
-/// One `--net` device: the host tap and the guest's MAC address (given or derived).
+/// One `--net` device: the host tap, the guest's MAC address (given or derived) and the
+/// network namespace the tap is in (`None`: the VMM's).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetSpec {
     pub tap: String,
     pub mac: MacAddr,
+    pub netns: Option<PathBuf>,
 }
 
 impl FromStr for NetSpec {
@@ -241,7 +245,7 @@ impl FromStr for NetSpec {
             spec: s.to_string(),
             why: why.to_string(),
         };
-        let (mut tap, mut mac) = (None, None);
+        let (mut tap, mut mac, mut netns) = (None, None, None);
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -253,12 +257,20 @@ impl FromStr for NetSpec {
                     tap = Some(value.to_string());
                 }
                 "mac" => mac = Some(value.parse::<MacAddr>().map_err(|e| bad(&e.to_string()))?),
+                "netns" => {
+                    if !value.starts_with('/') {
+                        return Err(bad(&format!(
+                            "netns {value:?}: must be an absolute path to a namespace file"
+                        )));
+                    }
+                    netns = Some(PathBuf::from(value));
+                }
                 other => return Err(bad(&format!("unknown key '{other}'"))),
             }
         }
         let tap = tap.ok_or_else(|| bad("missing tap="))?;
         let mac = mac.unwrap_or_else(|| MacAddr::derived(&tap));
-        Ok(NetSpec { tap, mac })
+        Ok(NetSpec { tap, mac, netns })
     }
 }
 
@@ -431,8 +443,12 @@ pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
         .iter()
         .map(|s| s.parse())
         .collect::<Result<Vec<NetSpec>, _>>()?;
+    // Tap names are per network namespace.
     let mut taps = std::collections::HashSet::new();
-    if let Some(dup) = nets.iter().find(|n| !taps.insert(n.tap.as_str())) {
+    if let Some(dup) = nets
+        .iter()
+        .find(|n| !taps.insert((n.netns.as_deref(), n.tap.as_str())))
+    {
         return Err(ConfigError::NetDuplicateTap(dup.tap.clone()));
     }
     let mut macs = std::collections::HashSet::new();
@@ -704,9 +720,33 @@ mod tests {
             c.nets,
             vec![NetSpec {
                 tap: "t9".into(),
-                mac: MacAddr::derived("t9")
+                mac: MacAddr::derived("t9"),
+                netns: None,
             }]
         );
+    }
+
+    #[test]
+    fn net_device_in_another_network_namespace() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--net",
+            "tap=tap0_husk,mac=02:00:00:00:00:07,netns=/var/run/netns/cni-1",
+            "--net",
+            "netns=/proc/42/ns/net,tap=tap0_husk",
+        ])
+        .unwrap();
+        assert_eq!(
+            c.nets[0],
+            NetSpec {
+                tap: "tap0_husk".into(),
+                mac: "02:00:00:00:00:07".parse().unwrap(),
+                netns: Some("/var/run/netns/cni-1".into()),
+            }
+        );
+        assert_eq!(c.nets[1].netns, Some(PathBuf::from("/proc/42/ns/net")));
+        assert_eq!(c.nets[1].mac, MacAddr::derived("tap0_husk"));
     }
 
     #[test]
@@ -732,6 +772,11 @@ mod tests {
         assert!(msg(&["tap=t,mac=00:00:00:00:00:00"]).contains("not a usable NIC address"));
         assert!(msg(&["tap=t,queues=2"]).contains("unknown key 'queues'"));
         assert!(msg(&["tap=t", "tap=t"]).contains("tap t is used twice"));
+        assert!(
+            msg(&["tap=t,netns=/n/a", "tap=t,netns=/n/a,mac=02:00:00:00:00:09"])
+                .contains("tap t is used twice")
+        );
+        assert!(msg(&["tap=t,netns=netns/a"]).contains("must be an absolute path"));
         assert!(
             msg(&["tap=a,mac=02:00:00:00:00:01", "tap=b,mac=02:00:00:00:00:01"])
                 .contains("MAC address 02:00:00:00:00:01 is used twice")

@@ -389,12 +389,13 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
         let dev = net::Net::new(&net::NetConfig {
             tap: n.tap.clone(),
             mac: n.mac,
+            netns: n.netns.clone(),
         })
         .map_err(|source| VmError::Net {
             tap: n.tap.clone(),
             source,
         })?;
-        tracing::info!(tap = %n.tap, mac = %n.mac, "virtio-net device");
+        tracing::info!(tap = %n.tap, mac = %n.mac, netns = ?n.netns, "virtio-net device");
         planned.push(PlannedDevice {
             device: Box::new(dev),
             ioeventfd: false,

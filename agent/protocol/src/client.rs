@@ -23,13 +23,13 @@ use ttrpc::context::{self, Context};
 
 use crate::AGENT_VSOCK_PORT;
 use crate::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, CreateContainerRequest,
-    CreateContainerResponse, CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest,
-    DestroySandboxResponse, ExecProcessRequest, ExecProcessResponse, GetGuestDetailsRequest,
-    GetGuestDetailsResponse, GetOOMEventRequest, ListProcessesRequest, PauseContainerRequest,
-    RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest, StartContainerRequest,
-    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, UpdateContainerRequest,
-    UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
+    CheckRequest, CheckResponse, CloseStdinRequest, ConfigureNetworkRequest,
+    CreateContainerRequest, CreateContainerResponse, CreateSandboxRequest, CreateSandboxResponse,
+    DestroySandboxRequest, DestroySandboxResponse, ExecProcessRequest, ExecProcessResponse,
+    GetGuestDetailsRequest, GetGuestDetailsResponse, GetOOMEventRequest, ListProcessesRequest,
+    PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest,
+    StartContainerRequest, StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest,
+    UpdateContainerRequest, UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
 };
 use crate::agent_ttrpc::AgentServiceClient;
 
@@ -603,6 +603,18 @@ impl AgentClient {
             .await
             .map(drop)
             .map_err(self.rpc_error("CloseStdin"))
+    }
+
+    /// `ConfigureNetwork`: the guest's interfaces (found by MAC) and routes.
+    pub async fn configure_network(
+        &self,
+        req: &ConfigureNetworkRequest,
+    ) -> Result<(), ClientError> {
+        self.inner
+            .configure_network(self.ctx(), req)
+            .await
+            .map(drop)
+            .map_err(self.rpc_error("ConfigureNetwork"))
     }
 
     /// `DestroySandbox`: the agent replies, then powers the VM off.

@@ -3,6 +3,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use tracing::{debug, warn};
@@ -34,6 +35,8 @@ pub struct NetConfig {
     pub tap: String,
     /// The guest's address.
     pub mac: MacAddr,
+    /// The network namespace (file) the tap lives in; `None`: the VMM's own.
+    pub netns: Option<PathBuf>,
 }
 
 /// A virtio-net NIC backed by a host tap.
@@ -50,7 +53,11 @@ impl Net {
     /// Attaches the tap now, so a missing or busy interface is reported when the VM is
     /// built rather than when the guest driver starts.
     pub fn new(config: &NetConfig) -> Result<Net, TapError> {
-        Ok(Self::with_tap(Tap::open(&config.tap)?, config.mac))
+        let tap = match &config.netns {
+            Some(netns) => Tap::open_in_netns(&config.tap, netns)?,
+            None => Tap::open(&config.tap)?,
+        };
+        Ok(Self::with_tap(tap, config.mac))
     }
 
     /// A NIC on a tap attached beforehand, e.g. by a thread that entered another network

@@ -6,6 +6,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
 
 use super::VNET_HDR_LEN;
 
@@ -46,6 +47,21 @@ pub enum TapError {
         name: String,
         #[source]
         source: io::Error,
+    },
+    #[error("tap device {name} does not exist in network namespace {}", netns.display())]
+    NotFoundInNetns { name: String, netns: PathBuf },
+    #[error("cannot enter network namespace {} to open tap {name}: {source}", netns.display())]
+    EnterNetns {
+        name: String,
+        netns: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("in network namespace {}: {source}", netns.display())]
+    InNetns {
+        netns: PathBuf,
+        #[source]
+        source: Box<TapError>,
     },
     #[error("tap {name}: {what}: {source}")]
     Setup {
@@ -149,6 +165,52 @@ impl Tap {
         // which is all a guest that negotiated no offload features can take.
         tap.ioctl_ulong(libc::TUNSETOFFLOAD, 0, "TUNSETOFFLOAD")?;
         Ok(tap)
+    }
+
+    /// Attaches to the existing tap `name` in the network namespace at `netns` (a
+    /// namespace file such as /var/run/netns/NAME or /proc/PID/ns/net), e.g. a pod's,
+    /// while the VMM stays in its own. The namespace is entered by a short-lived thread
+    /// (namespaces are per thread); the tap fd stays bound to the interface after it ends.
+    pub fn open_in_netns(name: &str, netns: &Path) -> Result<Tap, TapError> {
+        let (name_owned, path) = (name.to_string(), netns.to_path_buf());
+        let opened = std::thread::Builder::new()
+            .name("tap-netns".into())
+            .spawn(move || {
+                let enter_err = |source| TapError::EnterNetns {
+                    name: name_owned.clone(),
+                    netns: path.clone(),
+                    source,
+                };
+                let ns = File::open(&path).map_err(enter_err)?;
+                // SAFETY: setns on a valid fd; it moves only this thread, which ends
+                // right after the open.
+                if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                    return Err(enter_err(io::Error::last_os_error()));
+                }
+                Tap::open(&name_owned)
+            })
+            .map_err(|source| TapError::EnterNetns {
+                name: name.to_string(),
+                netns: netns.to_path_buf(),
+                source,
+            })?
+            .join()
+            .map_err(|_| TapError::EnterNetns {
+                name: name.to_string(),
+                netns: netns.to_path_buf(),
+                source: io::Error::other("the thread opening the tap panicked"),
+            })?;
+        opened.map_err(|e| match e {
+            TapError::NotFound(name) => TapError::NotFoundInNetns {
+                name,
+                netns: netns.to_path_buf(),
+            },
+            e @ TapError::EnterNetns { .. } => e,
+            e => TapError::InNetns {
+                netns: netns.to_path_buf(),
+                source: Box::new(e),
+            },
+        })
     }
 
     fn ioctl_int(

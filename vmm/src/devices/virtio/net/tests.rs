@@ -691,3 +691,79 @@ fn real_tap_in_a_throwaway_netns() {
         assert_eq!((stats.rx_dropped, stats.tx_dropped), (0, 0));
     }
 }
+
+#[test]
+fn tap_opened_in_another_network_namespace() {
+    use std::sync::mpsc;
+
+    if !std::path::Path::new("/dev/net/tun").exists() {
+        eprintln!("skipping: no /dev/net/tun");
+        return;
+    }
+    // A thread in a fresh namespace holds a tap there until told to end; the test's
+    // own thread, in the original namespace, opens it through the thread's ns file.
+    let (ready_tx, ready_rx) = mpsc::channel::<Option<String>>();
+    let (done_tx, done_rx) = mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        // SAFETY: plain syscalls on the calling thread only.
+        if unsafe { libc::unshare(libc::CLONE_NEWNET) } != 0 {
+            eprintln!(
+                "skipping: cannot create a network namespace: {}",
+                std::io::Error::last_os_error()
+            );
+            let _ = ready_tx.send(None);
+            return;
+        }
+        // SAFETY: as above.
+        let tid = unsafe { libc::gettid() };
+        ip(&["tuntap", "add", "dev", "husk-ns-t0", "mode", "tap"]);
+        let path = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
+        ready_tx.send(Some(path)).unwrap();
+        let _ = done_rx.recv();
+    });
+    let Some(netns) = ready_rx.recv().unwrap() else {
+        holder.join().unwrap();
+        return;
+    };
+    let netns = std::path::PathBuf::from(netns);
+
+    assert!(
+        matches!(Tap::open("husk-ns-t0"), Err(TapError::NotFound(_))),
+        "the tap is not in the test's namespace"
+    );
+    let tap = Tap::open_in_netns("husk-ns-t0", &netns).expect("open in the namespace");
+    assert_eq!(tap.name(), "husk-ns-t0");
+    // The attachment outlived the thread that made it: a second one is refused as busy.
+    let busy = Tap::open_in_netns("husk-ns-t0", &netns).unwrap_err();
+    assert!(
+        matches!(&busy, TapError::InNetns { source, .. } if matches!(**source, TapError::Busy { .. })),
+        "{busy}"
+    );
+    assert!(
+        busy.to_string().contains(&netns.display().to_string()),
+        "{busy}"
+    );
+    // The calling thread stayed where it was.
+    assert!(matches!(
+        Tap::open("husk-ns-t0"),
+        Err(TapError::NotFound(_))
+    ));
+
+    let missing = Tap::open_in_netns("nope0", &netns).unwrap_err();
+    assert!(
+        matches!(missing, TapError::NotFoundInNetns { .. }),
+        "{missing}"
+    );
+    assert!(
+        missing.to_string().contains(&netns.display().to_string()),
+        "{missing}"
+    );
+    let bad =
+        Tap::open_in_netns("husk-ns-t0", std::path::Path::new("/nonexistent/ns")).unwrap_err();
+    assert!(matches!(bad, TapError::EnterNetns { .. }), "{bad}");
+    assert!(bad.to_string().contains("/nonexistent/ns"), "{bad}");
+
+    drop(tap);
+    done_tx.send(()).unwrap();
+    holder.join().unwrap();
+}
