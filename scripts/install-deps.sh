@@ -13,8 +13,10 @@ packages=(
   busybox-static e2fsprogs
   # building virtiofsd (the virtio-fs backend, below)
   libseccomp-dev libcap-ng-dev
-  # the containerd shim's tests (tests/tests/containerd_*.rs) start their own containerd
-  containerd
+  # the containerd shim's tests (tests/tests/containerd_*.rs) start their own containerd;
+  # the CRI test gives pods a CNI bridge network and talks CRI through the k8s-cri crate,
+  # whose build runs protoc; the network tests inspect namespaces with ip and tc (iproute2)
+  containerd containernetworking-plugins protobuf-compiler iproute2
   # tests/tests/podman.rs drives podman with husk as its runtime; without recommends apt
   # still pulls conmon, runc (or crun), containers-common with policy.json and
   # containernetworking-plugins (the tests use --network none)

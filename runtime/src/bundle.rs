@@ -113,55 +113,157 @@ pub fn parse_spec(text: &[u8], path: &Path) -> Result<(Spec, Value), BundleError
     Ok((spec, raw))
 }
 
+/// What becomes of a namespace entry that names a host namespace (`path`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NamespaceMapping {
+    /// Join this namespace in the guest instead (e.g. another container's
+    /// `/proc/<guest pid>/ns/ipc`).
+    Join(String),
+    /// The container gets a new namespace of that type in the guest (the entry loses its
+    /// path); worth a warning, as the spec asked to share.
+    New,
+    /// The entry is removed: the container stays in the agent's namespace of that type
+    /// (e.g. a pod's network namespace, which is the VM's own).
+    Inherit,
+}
+
+/// How host resources that a spec names reach the guest. The default (`HostHidden`) is the
+/// CLI's: nothing of the host's is visible in the guest.
+pub trait HostMapping {
+    /// A namespace entry of type `kind` with host path `path`.
+    fn namespace(&mut self, kind: &str, path: &str) -> NamespaceMapping;
+    /// A bind mount of host path `source` at `destination` (`options` as in the spec):
+    /// the guest source to bind instead (e.g. `sandbox://...`), `None` to skip the mount,
+    /// or an error naming why the mount cannot be provided.
+    fn bind(
+        &mut self,
+        destination: &str,
+        source: &str,
+        options: &[String],
+    ) -> Result<Option<String>, String>;
+}
+
+/// Nothing of the host reaches the guest: host binds are skipped, namespace paths get new
+/// namespaces.
+pub struct HostHidden;
+
+impl HostMapping for HostHidden {
+    fn namespace(&mut self, _kind: &str, _path: &str) -> NamespaceMapping {
+        NamespaceMapping::New
+    }
+    fn bind(&mut self, _: &str, _: &str, _: &[String]) -> Result<Option<String>, String> {
+        Ok(None)
+    }
+}
+
 /// The spec as the guest gets it, and warnings about what was left out:
 /// - `hooks` run on the host (see `hooks`), never in the guest;
 /// - bind mounts of host paths are dropped: the guest cannot see host files (only the
 ///   rootfs travels to the guest);
 /// - namespace paths (host namespaces to join) are dropped: the guest makes new ones.
 pub fn guest_spec(raw: &Value) -> (Value, Vec<String>) {
+    match guest_spec_with(raw, &mut HostHidden) {
+        Ok(r) => r,
+        // HostHidden never fails a mount.
+        Err(_) => (raw.clone(), Vec::new()),
+    }
+}
+
+/// As `guest_spec`, with `mapping` deciding what becomes of host binds and namespace paths.
+/// Fails when the mapping cannot provide a bind mount (the message names the mount).
+pub fn guest_spec_with(
+    raw: &Value,
+    mapping: &mut dyn HostMapping,
+) -> Result<(Value, Vec<String>), String> {
     let mut spec = raw.clone();
     let mut warnings = Vec::new();
     if let Some(obj) = spec.as_object_mut() {
         obj.remove("hooks");
     }
-    // A namespace path names a host namespace (e.g. podman's /run/netns/...), which does not
-    // exist in the guest: the container gets a new namespace of that type there instead.
     if let Some(namespaces) = spec
         .get_mut("linux")
         .and_then(|l| l.get_mut("namespaces"))
         .and_then(Value::as_array_mut)
     {
-        for ns in namespaces.iter_mut() {
-            if let Some(obj) = ns.as_object_mut()
-                && let Some(path) = obj.remove("path")
-            {
-                warnings.push(format!(
-                    "{} namespace path {path} is a host namespace, not available in the VM; a new one is created in the guest",
-                    obj.get("type").and_then(Value::as_str).unwrap_or("?")
-                ));
+        namespaces.retain_mut(|ns| {
+            let Some(obj) = ns.as_object_mut() else {
+                return true;
+            };
+            let Some(path) = obj.get("path").and_then(Value::as_str).map(str::to_owned) else {
+                return true;
+            };
+            if path.is_empty() {
+                obj.remove("path");
+                return true;
             }
-        }
-    }
-    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
-        mounts.retain(|m| {
-            let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
-                || m.get("options")
-                    .and_then(Value::as_array)
-                    .is_some_and(|o| o.iter().any(|x| x == "bind" || x == "rbind"));
-            let source = m.get("source").and_then(Value::as_str).unwrap_or("");
-            let host_path = source.starts_with('/');
-            if is_bind && host_path {
-                warnings.push(format!(
-                    "mount {} (bind of host path {source}) is not available in the VM; skipped",
-                    m.get("destination").and_then(Value::as_str).unwrap_or("?")
-                ));
-                false
-            } else {
-                true
+            let kind = obj
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_owned();
+            match mapping.namespace(&kind, &path) {
+                NamespaceMapping::Join(guest) => {
+                    obj.insert("path".into(), Value::String(guest));
+                    true
+                }
+                NamespaceMapping::New => {
+                    // A path names a host namespace (e.g. podman's /run/netns/...), which
+                    // does not exist in the guest.
+                    obj.remove("path");
+                    warnings.push(format!(
+                        "{kind} namespace path {path} is a host namespace, not available in the VM; a new one is created in the guest"
+                    ));
+                    true
+                }
+                NamespaceMapping::Inherit => false,
             }
         });
     }
-    (spec, warnings)
+    if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
+        let mut kept = Vec::with_capacity(mounts.len());
+        for mut m in std::mem::take(mounts) {
+            let options: Vec<String> = m
+                .get("options")
+                .and_then(Value::as_array)
+                .map(|o| {
+                    o.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            let is_bind = m.get("type").and_then(Value::as_str) == Some("bind")
+                || options.iter().any(|x| x == "bind" || x == "rbind");
+            let source = m
+                .get("source")
+                .and_then(Value::as_str)
+                .unwrap_or("")
+                .to_owned();
+            if !(is_bind && source.starts_with('/')) {
+                kept.push(m);
+                continue;
+            }
+            let destination = m
+                .get("destination")
+                .and_then(Value::as_str)
+                .unwrap_or("?")
+                .to_owned();
+            match mapping.bind(&destination, &source, &options) {
+                Ok(Some(guest)) => {
+                    if let Some(obj) = m.as_object_mut() {
+                        obj.insert("source".into(), Value::String(guest));
+                    }
+                    kept.push(m);
+                }
+                Ok(None) => warnings.push(format!(
+                    "mount {destination} (bind of host path {source}) is not available in the VM; skipped"
+                )),
+                Err(e) => return Err(format!("mount {destination} (bind of {source}): {e}")),
+            }
+        }
+        *mounts = kept;
+    }
+    Ok((spec, warnings))
 }
 
 #[cfg(test)]
@@ -253,5 +355,60 @@ mod tests {
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(warnings[0].contains("/run/netns/x"), "{warnings:?}");
         assert!(warnings[1].contains("/etc/hosts"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_mapping_joins_inherits_and_shares() {
+        struct Pod;
+        impl HostMapping for Pod {
+            fn namespace(&mut self, kind: &str, path: &str) -> NamespaceMapping {
+                match kind {
+                    "network" => NamespaceMapping::Inherit,
+                    "ipc" => NamespaceMapping::Join(path.replace("/proc/7/", "/proc/1/")),
+                    _ => NamespaceMapping::New,
+                }
+            }
+            fn bind(
+                &mut self,
+                destination: &str,
+                _source: &str,
+                options: &[String],
+            ) -> Result<Option<String>, String> {
+                match destination {
+                    "/etc/hosts" => Ok(Some(format!(
+                        "sandbox://shared/hosts?{}",
+                        options.join(",")
+                    ))),
+                    "/bad" => Err("no such file".into()),
+                    _ => Ok(None),
+                }
+            }
+        }
+        let mut c = good();
+        c["mounts"] = json!([
+            {"destination": "/etc/hosts", "type": "bind", "source": "/var/lib/x/hosts", "options": ["rbind", "ro"]},
+            {"destination": "/data", "source": "/srv/data", "options": ["bind"]},
+        ]);
+        c["linux"] = json!({"namespaces": [
+            {"type": "network", "path": "/run/netns/cni-1"},
+            {"type": "ipc", "path": "/proc/7/ns/ipc"},
+            {"type": "uts", "path": "/proc/7/ns/uts"},
+            {"type": "mount"},
+        ]});
+        let (g, warnings) = guest_spec_with(&c, &mut Pod).unwrap();
+        assert_eq!(
+            g["linux"]["namespaces"],
+            json!([{"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "uts"}, {"type": "mount"}])
+        );
+        assert_eq!(g["mounts"].as_array().unwrap().len(), 1);
+        assert_eq!(g["mounts"][0]["source"], "sandbox://shared/hosts?rbind,ro");
+        assert_eq!(warnings.len(), 2, "{warnings:?}");
+
+        c["mounts"] = json!([{"destination": "/bad", "type": "bind", "source": "/nope"}]);
+        let err = guest_spec_with(&c, &mut Pod).unwrap_err();
+        assert!(
+            err.contains("/bad") && err.contains("/nope") && err.contains("no such file"),
+            "{err}"
+        );
     }
 }

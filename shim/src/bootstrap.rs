@@ -11,6 +11,7 @@
 
 use std::io::{Read, Write};
 use std::os::unix::process::CommandExt;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,9 +22,11 @@ use containerd_shim_protos::protobuf::Message;
 use containerd_shim_protos::shim_async::{Task, create_task};
 use containerd_shim_protos::ttrpc::r#async::Server;
 use containerd_shim_protos::types::introspection::RuntimeInfo;
+use husk_runtime::bundle;
 
 use crate::RUNTIME_NAME;
 use crate::events::Events;
+use crate::pod::Role;
 use crate::service::Service;
 
 const TASK_V2: &str = "containerd.task.v2.Task";
@@ -47,8 +50,9 @@ pub fn print_info() -> Result<()> {
     Ok(())
 }
 
-/// `start`: spawns the server for this container (one shim, and so one VM, per container),
-/// waits until it listens, and prints its address.
+/// `start`: for a container of a pod, prints the address of the pod's shim (the one its
+/// sandbox container started: the pod shares that VM); otherwise spawns a server for this
+/// container and its VM, waits until it listens, and prints its address.
 pub fn start(flags: &Flags) -> Result<()> {
     // containerd writes the runtime options to stdin; this shim takes none. Reading them
     // keeps containerd's writer from failing on a closed pipe.
@@ -57,6 +61,22 @@ pub fn start(flags: &Flags) -> Result<()> {
     }
     if flags.id.is_empty() || flags.namespace.is_empty() {
         bail!("start needs -id and -namespace");
+    }
+    // containerd runs `start` in the bundle.
+    let config = std::fs::read(bundle::CONFIG_FILE)
+        .with_context(|| format!("reading the bundle's {}", bundle::CONFIG_FILE))?;
+    let role = Role::of_bundle(&config)
+        .with_context(|| format!("reading the annotations of {}", bundle::CONFIG_FILE))?;
+    if let Role::PodMember { sandbox_id } = &role {
+        let address = containerd_shim::socket_address(&flags.address, &flags.namespace, sandbox_id);
+        let path = address.trim_start_matches("unix://");
+        if !Path::new(path).exists() {
+            bail!(
+                "container {} belongs to pod {sandbox_id}, but that pod has no husk shim (no socket {path}): was the pod's sandbox started with another runtime?",
+                flags.id
+            );
+        }
+        return announce_address(&address);
     }
     let address = containerd_shim::socket_address(&flags.address, &flags.namespace, &flags.id);
     let exe = std::env::current_exe().context("locating our own executable")?;
@@ -97,9 +117,14 @@ pub fn start(flags: &Flags) -> Result<()> {
             out.trim()
         );
     }
-    std::fs::write(ADDRESS_FILE, &address)
+    announce_address(&address)
+}
+
+/// Writes the shim's address in the bundle and prints it: the bare address, as containerd
+/// 1.6 takes the whole output as the address.
+fn announce_address(address: &str) -> Result<()> {
+    std::fs::write(ADDRESS_FILE, address)
         .with_context(|| format!("writing {ADDRESS_FILE} in the bundle"))?;
-    // The bare address: containerd 1.6 takes the whole output as the address.
     print!("{address}");
     std::io::stdout().flush().context("writing the address")?;
     Ok(())

@@ -1,4 +1,4 @@
-//! The shim's one container: its VM, its init process and its exec'd processes, and each
+//! A container of the shim's VM: its init process and its exec'd processes, and each
 //! process's life (created → running → exited).
 
 use std::collections::HashMap;
@@ -11,8 +11,8 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use husk_protocol::agent::StdioStreams;
 use tokio::sync::watch;
 
-use crate::sandbox::Sandbox;
 use crate::stdio::{IoPaths, Relays};
+use crate::vm::PodVm;
 
 /// How a process ended, as containerd records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -131,11 +131,9 @@ impl Process {
 pub struct Container {
     pub id: String,
     pub bundle: PathBuf,
-    pub sandbox: Sandbox,
+    pub vm: Arc<PodVm>,
     /// `<bundle>/rootfs` when the shim mounted containerd's rootfs mounts there.
     pub mounted_rootfs: Option<PathBuf>,
-    /// Sockets of the VM and virtiofsd.
-    pub run_dir: PathBuf,
     pub init: Arc<Process>,
     execs: Mutex<HashMap<String, Arc<Process>>>,
     paused: AtomicBool,
@@ -146,17 +144,15 @@ impl Container {
     pub fn new(
         id: String,
         bundle: PathBuf,
-        sandbox: Sandbox,
+        vm: Arc<PodVm>,
         mounted_rootfs: Option<PathBuf>,
-        run_dir: PathBuf,
         init: Arc<Process>,
     ) -> Self {
         Self {
             id,
             bundle,
-            sandbox,
+            vm,
             mounted_rootfs,
-            run_dir,
             init,
             execs: Mutex::new(HashMap::new()),
             paused: AtomicBool::new(false),
@@ -200,6 +196,15 @@ impl Container {
 
     pub fn set_deleted(&self) {
         self.deleted.store(true, Ordering::SeqCst);
+    }
+
+    /// Whether this container made (and so ends) its VM.
+    pub fn owns_vm(&self) -> bool {
+        self.vm.owner_id == self.id
+    }
+
+    pub fn sandbox(&self) -> &crate::sandbox::Sandbox {
+        &self.vm.sandbox
     }
 }
 

@@ -8,16 +8,22 @@
 //! - `delete`: clean up after a shim that is gone.
 
 mod bootstrap;
+mod cgroup;
 mod cleanup;
 mod container;
 mod error;
 mod events;
+mod guest_mapping;
 mod logging;
+mod network;
+mod pod;
 mod rootfs;
 mod sandbox;
 mod service;
+mod share;
 mod stats;
 mod stdio;
+mod vm;
 
 use std::process::ExitCode;
 

@@ -1,6 +1,6 @@
-//! The container's VM: husk-vmm run in this process (`husk_vmm::vm::run` on a thread of its
-//! own, as the `husk` CLI's monitor does), virtiofsd sharing the rootfs when the rootfs mode
-//! is `virtiofs`, and the agent client.
+//! The shim's VM: husk-vmm run in this process (`husk_vmm::vm::run` on a thread of its
+//! own, as the `husk` CLI's monitor does), virtiofsd sharing the VM's shared folder (every
+//! container's rootfs and binds, see `share`) or a rootfs image, and the agent client.
 //!
 //! In-process rather than a `husk-vmm` child: the VM cannot outlive the shim (containerd
 //! kills a shim it gives up on, and that must take the VM with it), and there is no second
@@ -13,28 +13,34 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
-use husk_protocol::agent::{
-    BlockRootfs, CreateSandboxRequest, DirectoryRootfs, Rootfs, SandboxMount,
-};
+use husk_protocol::agent::{BlockRootfs, CreateSandboxRequest, Rootfs, SandboxMount};
 use husk_protocol::client::{AgentClient, Target, connect_with_retry};
 use husk_runtime::config::Config;
 use husk_runtime::sizing::VmSize;
 use husk_runtime::vm_config::{path_arg, vm_config};
 use tokio::sync::watch;
 
-/// virtio-fs tag and sandbox mount name of a shared rootfs; virtio-blk serial of an image.
-const ROOTFS_TAG: &str = "rootfs";
+use crate::share::{SHARE_TAG, SharedDir};
+
+/// virtio-blk serial of a rootfs image.
 const ROOTFS_SERIAL: &str = "rootfs";
 const VM_SOCKET: &str = "vm.sock";
 const FS_SOCKET: &str = "fs.sock";
+/// The pod's /dev/shm: one guest tmpfs that every container of the VM binds (CRI binds
+/// the sandbox's shm folder into each container; a host folder would not be shared memory
+/// with the guest).
+pub const SHM_MOUNT: &str = "shm";
+const SHM_OPTIONS: &str = "nosuid,nodev,noexec,mode=1777,size=65536k";
 const VIRTIOFSD_START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// How the rootfs directory reaches the guest.
-pub enum RootfsShare {
-    /// virtiofsd shares the directory; the container writes through to it.
-    Virtiofs { dir: PathBuf },
-    /// A read-only ext4 image (already built) with a tmpfs overlay in the guest.
+/// How containers' root file systems reach the guest.
+pub enum RootfsShare<'a> {
+    /// virtiofsd shares the VM's shared folder (`share`); containers write through to
+    /// their rootfs on the host, and any number of containers can join later.
+    Virtiofs { shared: &'a SharedDir },
+    /// A read-only ext4 image (already built) with a tmpfs overlay in the guest: one
+    /// container only, known at boot.
     Block { image: PathBuf },
 }
 
@@ -42,37 +48,40 @@ pub enum RootfsShare {
 pub struct Sandbox {
     client: AgentClient,
     target: Target,
-    rootfs: Rootfs,
+    /// The rootfs image's description for the agent (block mode).
+    block_rootfs: Option<Rootfs>,
     stopped: watch::Receiver<Option<String>>,
 }
 
 impl Sandbox {
-    /// Boots the VM (sockets in `run_dir`), waits for its agent and creates the sandbox.
+    /// Boots the VM (sockets in `run_dir`, `extra_args` are more husk-vmm device flags,
+    /// e.g. `--net`), waits for its agent and creates the sandbox.
     pub async fn boot(
         config: &Config,
         size: VmSize,
         run_dir: &Path,
-        share: RootfsShare,
+        share: RootfsShare<'_>,
+        extra_args: Vec<String>,
     ) -> Result<Self> {
         let vm_socket = run_dir.join(VM_SOCKET);
         let _ = std::fs::remove_file(&vm_socket);
-        let mut devices = Vec::new();
+        let mut devices = extra_args;
         let mut virtiofsd = None;
-        let rootfs = match &share {
-            RootfsShare::Virtiofs { dir } => {
+        let block_rootfs = match &share {
+            RootfsShare::Virtiofs { shared } => {
                 let bin = config.virtiofsd_path().ok_or_else(|| {
                     anyhow!(
-                        "rootfs_mode = \"virtiofs\" needs virtiofsd: install it (`cargo install virtiofsd`) or set `virtiofsd` in {}",
+                        "rootfs_mode = \"virtiofs\" (and every pod) needs virtiofsd: install it (`cargo install virtiofsd`) or set `virtiofsd` in {}",
                         config.source
                     )
                 })?;
                 let socket = run_dir.join(FS_SOCKET);
                 devices.push("--fs".to_owned());
-                devices.push(format!("socket={},tag={ROOTFS_TAG}", path_arg(&socket)?));
+                devices.push(format!("socket={},tag={SHARE_TAG}", path_arg(&socket)?));
                 virtiofsd = Some(Virtiofsd {
                     bin,
                     socket,
-                    dir: dir.clone(),
+                    dir: shared.path().to_path_buf(),
                     log: run_dir.join("virtiofsd.log"),
                 });
                 None
@@ -119,44 +128,53 @@ impl Sandbox {
         // virtualization, a loaded host: 30 s seen): the boot timeout bounds every call.
         // WaitProcess and GetOOMEvent have no deadline; DestroySandbox has its own.
         let client = client.with_rpc_timeout(boot_timeout);
-        let mut sandbox = Self {
+        let sandbox = Self {
             client,
             target,
-            rootfs: Rootfs::new(),
+            block_rootfs,
             stopped,
         };
-        match sandbox.create_sandbox(rootfs).await {
-            Ok(r) => sandbox.rootfs = r,
-            Err(e) => {
-                sandbox.shutdown().await;
-                return Err(e);
-            }
+        let shared = match &share {
+            RootfsShare::Virtiofs { shared } => Some(*shared),
+            RootfsShare::Block { .. } => None,
+        };
+        if let Err(e) = sandbox.create_sandbox(shared).await {
+            sandbox.shutdown().await;
+            return Err(e);
         }
         Ok(sandbox)
     }
 
-    async fn create_sandbox(&self, block_rootfs: Option<Rootfs>) -> Result<Rootfs> {
+    async fn create_sandbox(&self, shared: Option<&SharedDir>) -> Result<()> {
         let mut req = CreateSandboxRequest::new();
-        if block_rootfs.is_none() {
+        if shared.is_some() {
             let mut m = SandboxMount::new();
-            m.name = "rootfs".into();
-            m.source = ROOTFS_TAG.into();
+            m.name = SHARE_TAG.into();
+            m.source = SHARE_TAG.into();
             m.fstype = "virtiofs".into();
             req.mounts.push(m);
         }
+        let mut shm = SandboxMount::new();
+        shm.name = SHM_MOUNT.into();
+        shm.source = "shm".into();
+        shm.fstype = "tmpfs".into();
+        shm.options = SHM_OPTIONS.split(',').map(str::to_owned).collect();
+        req.mounts.push(shm);
         let sandbox_dir = self
             .client
             .create_sandbox(&req)
             .await
             .context("setting up the sandbox in the VM")?
             .sandbox_dir;
-        Ok(block_rootfs.unwrap_or_else(|| {
-            let mut d = DirectoryRootfs::new();
-            d.path = format!("{sandbox_dir}/mounts/rootfs");
-            let mut r = Rootfs::new();
-            r.set_directory(d);
-            r
-        }))
+        if let Some(s) = shared {
+            s.set_guest_root(format!("{sandbox_dir}/mounts/{SHARE_TAG}"));
+        }
+        Ok(())
+    }
+
+    /// The rootfs image as the agent sees it (block mode), for the VM's one container.
+    pub fn block_rootfs(&self) -> Option<&Rootfs> {
+        self.block_rootfs.as_ref()
     }
 
     pub fn client(&self) -> &AgentClient {
@@ -166,11 +184,6 @@ impl Sandbox {
     /// Where the agent is (for stdio attaches).
     pub fn target(&self) -> &Target {
         &self.target
-    }
-
-    /// The container's rootfs as the agent sees it.
-    pub fn rootfs(&self) -> &Rootfs {
-        &self.rootfs
     }
 
     /// Waits until the VM has stopped and says why.
@@ -256,7 +269,10 @@ fn spawn_virtiofsd(spec: &Virtiofsd) -> Result<Child> {
         .arg(&spec.dir)
         // The shim already runs as root in containerd's namespaces; virtiofsd's own
         // sandbox (namespaces, pivot_root) is left for later hardening.
+        // Containers' rootfs and binds are mounts below the shared folder: announcing
+        // them gives each its own file system (and inode numbers) in the guest.
         .args([
+            "--announce-submounts",
             "--cache",
             "auto",
             "--sandbox",

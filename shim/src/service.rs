@@ -1,5 +1,6 @@
 //! containerd's task API (`containerd.task.v2.Task`, and v3 under the same handlers) on top
-//! of the husk agent. One shim serves one container in one VM.
+//! of the husk agent. One shim serves one VM: a Kubernetes pod (its sandbox container and
+//! every container of the pod, see `pod`) or a lone container.
 //!
 //! Pids: containerd gets the shim's own pid for every process, as the VM's processes have
 //! no host pid (the VMM runs in the shim, so signals and cgroups of that pid reach the VM);
@@ -10,6 +11,7 @@
 //! see the exit; TaskDelete in `Delete`; TaskExecAdded in `Exec`; TaskExecStarted in
 //! `Start` of an exec; TaskPaused/TaskResumed; TaskOOM from the agent's OOM events.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,17 +37,25 @@ use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::r#async::TtrpcContext;
 use containerd_shim_protos::ttrpc::{self};
 use containerd_shim_protos::types::task::{ProcessInfo, Status as TaskStatus};
-use husk_protocol::agent::{CreateContainerRequest, ExecProcessRequest as AgentExec};
+use husk_protocol::agent::{
+    CreateContainerRequest, DirectoryRootfs, ExecProcessRequest as AgentExec, Rootfs, StdioStreams,
+};
 use husk_runtime::bundle::{self, Bundle};
 use husk_runtime::config::Config;
 use husk_runtime::state::RootfsMode;
 use husk_runtime::{rootfs_image, sizing};
 
+use crate::cgroup::PodCgroup;
 use crate::container::{Container, Exit, Process, Status, UNKNOWN_EXIT_STATUS};
 use crate::error::{ShimError, ShimResult};
 use crate::events::Events;
+use crate::guest_mapping::PodMapping;
+use crate::network::PodNetwork;
+use crate::pod::{self, Role};
 use crate::sandbox::{RootfsShare, Sandbox};
+use crate::share::{SHARE_TAG, SharedDir};
 use crate::stdio::{self, IoPaths};
+use crate::vm::{PodVm, release_host_side};
 use crate::{rootfs, stats};
 
 /// Where the shim keeps its VM's sockets (not under /run/husk, the `husk` CLI's state
@@ -67,7 +77,11 @@ struct Inner {
     shim_id: String,
     events: Events,
     exit: Arc<ExitSignal>,
-    container: tokio::sync::Mutex<Option<Arc<Container>>>,
+    /// The shim's VM, made by the first `Create`. Held across that boot, so a pod's
+    /// container that arrives meanwhile waits for the VM.
+    vm: tokio::sync::Mutex<Option<Arc<PodVm>>>,
+    /// Containers by id, until deleted.
+    containers: std::sync::Mutex<HashMap<String, Arc<Container>>>,
 }
 
 impl Service {
@@ -77,7 +91,8 @@ impl Service {
                 shim_id: shim_id.to_owned(),
                 events,
                 exit,
-                container: tokio::sync::Mutex::new(None),
+                vm: tokio::sync::Mutex::new(None),
+                containers: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -88,11 +103,15 @@ fn host_pid() -> u32 {
     std::process::id()
 }
 
+fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 impl Inner {
     /// The container `id`, unless it was never created or is deleted.
     async fn container(&self, id: &str) -> ShimResult<Arc<Container>> {
-        match self.container.lock().await.as_ref() {
-            Some(c) if c.id == id && !c.is_deleted() => Ok(Arc::clone(c)),
+        match lock(&self.containers).get(id) {
+            Some(c) if !c.is_deleted() => Ok(Arc::clone(c)),
             _ => Err(ShimError::NotFound(format!("container {id}: not found"))),
         }
     }
@@ -106,40 +125,89 @@ impl Inner {
     }
 
     async fn create(self: &Arc<Self>, req: CreateTaskRequest) -> ShimResult<CreateTaskResponse> {
-        let mut slot = self.container.lock().await;
-        if slot.is_some() {
-            return Err(ShimError::AlreadyExists(format!(
-                "this shim already holds a container; {} needs its own shim",
-                req.id
-            )));
-        }
         if !req.checkpoint.is_empty() {
             return Err(ShimError::Unimplemented(
                 "restoring a container from a checkpoint is not supported by husk".into(),
             ));
         }
-        let bundle = PathBuf::from(&req.bundle);
+        if lock(&self.containers).contains_key(&req.id) {
+            return Err(ShimError::AlreadyExists(format!(
+                "container {}: already exists",
+                req.id
+            )));
+        }
+        let bundle_dir = PathBuf::from(&req.bundle);
+        let b = Bundle::load(&bundle_dir).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+        let role = Role::from_annotations(b.spec.annotations().as_ref());
+
+        let mut vm_slot = self.vm.lock().await;
+        let existing = vm_slot.clone();
+        match (&existing, &role) {
+            (None, Role::PodMember { sandbox_id }) => {
+                return Err(ShimError::FailedPrecondition(format!(
+                    "container {} belongs to pod {sandbox_id}, whose sandbox is not in this shim",
+                    req.id
+                )));
+            }
+            (Some(vm), Role::PodMember { sandbox_id })
+                if vm.is_pod && vm.owner_id == *sandbox_id =>
+            {
+                if vm.sandbox.is_stopped() {
+                    return Err(ShimError::FailedPrecondition(format!(
+                        "pod {sandbox_id}: its VM has stopped"
+                    )));
+                }
+            }
+            (Some(vm), _) => {
+                return Err(ShimError::AlreadyExists(format!(
+                    "this shim's VM belongs to {}; container {} needs its own shim",
+                    vm.owner_id, req.id
+                )));
+            }
+            (None, _) => {}
+        }
+
         let mounted = if req.rootfs.is_empty() {
             None
         } else {
-            let target = bundle.join("rootfs");
+            let target = bundle_dir.join("rootfs");
             rootfs::mount_all(&req.rootfs, &target)?;
             Some(target)
         };
-        let container = match self.create_in_vm(&req, &bundle, mounted.clone()).await {
-            Ok(c) => Arc::new(c),
+        let booted_here = existing.is_none();
+        let made = async {
+            let vm = match existing {
+                Some(vm) => vm,
+                None => {
+                    let vm = Arc::new(self.boot_vm(&req, &b, &role).await?);
+                    *vm_slot = Some(Arc::clone(&vm));
+                    vm
+                }
+            };
+            let c = self
+                .create_in_vm(&req, &b, &role, &vm, mounted.clone())
+                .await?;
+            Ok::<_, ShimError>((vm, c))
+        }
+        .await;
+        let (vm, container) = match made {
+            Ok((vm, c)) => (vm, Arc::new(c)),
             Err(e) => {
+                if booted_here && let Some(vm) = vm_slot.take() {
+                    vm.teardown().await;
+                }
                 if let Some(m) = &mounted
                     && let Err(u) = rootfs::unmount_all(m)
                 {
                     tracing::warn!("after the failed create: {u:#}");
                 }
+                let _ = std::fs::remove_file(bundle_dir.join(RUN_DIR_FILE));
                 return Err(e);
             }
         };
-        *slot = Some(Arc::clone(&container));
-        drop(slot);
-        tracing::info!(id = %req.id, "container created");
+        lock(&self.containers).insert(req.id.clone(), Arc::clone(&container));
+        drop(vm_slot);
+        tracing::info!(id = %req.id, pod = vm.is_pod, "container created");
 
         let mut io = TaskIO::new();
         io.stdin = req.stdin.clone();
@@ -158,62 +226,177 @@ impl Inner {
         self.events
             .publish(topics::TASK_CREATE_EVENT_TOPIC, Box::new(event))
             .await;
-        tokio::spawn(Arc::clone(self).forward_oom_events(container));
+        if booted_here {
+            tokio::spawn(Arc::clone(self).forward_oom_events(vm));
+        }
         Ok(CreateTaskResponse {
             pid: host_pid(),
             ..Default::default()
         })
     }
 
-    /// Boots the VM and creates the (held) container in it.
-    async fn create_in_vm(
-        &self,
-        req: &CreateTaskRequest,
-        bundle_dir: &Path,
-        mounted: Option<PathBuf>,
-    ) -> ShimResult<Container> {
-        let b = Bundle::load(bundle_dir).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+    /// Boots the shim's VM for its first container: a pod's sandbox container (the pod's
+    /// cgroup, network and a shared folder for the pod's containers) or a lone container.
+    async fn boot_vm(&self, req: &CreateTaskRequest, b: &Bundle, role: &Role) -> ShimResult<PodVm> {
         let config = Config::load().map_err(|e| ShimError::FailedPrecondition(e.to_string()))?;
         let template = config
             .cpu_template
             .parse::<husk_vmm::cpu_template::TemplateChoice>()
             .map_err(|e| ShimError::FailedPrecondition(format!("cpu_template: {e}")))?
             .resolve(husk_vmm::host::probe());
-        let size = sizing::vm_size(&b.spec, &config, template)
-            .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+        let is_pod = *role == Role::Sandbox;
+        let size = if is_pod {
+            let spec = serde_json::from_value(pod::with_pod_limits(&b.raw))
+                .map_err(|e| ShimError::InvalidArgument(format!("sandbox spec: {e}")))?;
+            sizing::vm_size(&spec, &config, template)
+        } else {
+            sizing::vm_size(&b.spec, &config, template)
+        }
+        .map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
+        // A pod's containers arrive after the boot: only a shared folder can take them.
+        let mode = if is_pod {
+            RootfsMode::Virtiofs
+        } else {
+            config.rootfs_mode
+        };
 
         let run_dir = Path::new(RUN_ROOT).join(std::process::id().to_string());
         std::fs::create_dir_all(&run_dir)
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", run_dir.display()))?;
+        let mut shared = None;
+        let mut cgroup = None;
+        let mut network = None;
+        let booted = async {
+            if is_pod && let Some(path) = cgroups_path(&b.raw) {
+                cgroup = Some(PodCgroup::enter(&path).map_err(|e| {
+                    ShimError::FailedPrecondition(format!("pod cgroup {path}: {e:#}"))
+                })?);
+            }
+            let mut extra_args = Vec::new();
+            if is_pod && let Some(netns) = network_namespace(&b.raw) {
+                let n = PodNetwork::setup(Path::new(&netns)).map_err(|e| {
+                    ShimError::FailedPrecondition(format!("pod network in {netns}: {e:#}"))
+                })?;
+                extra_args.push("--net".to_owned());
+                extra_args.push(n.net_arg());
+                network = Some(n);
+            }
+            let share = match mode {
+                RootfsMode::Virtiofs => {
+                    shared = Some(SharedDir::create(&run_dir.join(SHARE_TAG))?);
+                    RootfsShare::Virtiofs {
+                        shared: shared.as_ref().ok_or_else(|| anyhow::anyhow!("no share"))?,
+                    }
+                }
+                RootfsMode::Block => {
+                    let image = b.dir.join(ROOTFS_IMAGE);
+                    let (src, dst) = (b.rootfs.clone(), image.clone());
+                    tokio::task::spawn_blocking(move || rootfs_image::build(&src, &dst))
+                        .await
+                        .map_err(|e| anyhow::anyhow!("rootfs image builder: {e}"))?
+                        .map_err(|e| anyhow::anyhow!("building the rootfs image: {e}"))?;
+                    RootfsShare::Block { image }
+                }
+            };
+            tracing::info!(
+                id = %req.id, pod = is_pod, vcpus = size.vcpus, memory_mib = size.memory_mib,
+                rootfs_mode = ?mode, "booting the VM"
+            );
+            let sandbox = Sandbox::boot(&config, size, &run_dir, share, extra_args).await?;
+            if let Some(n) = &network
+                && let Err(e) = n.configure_guest(sandbox.client()).await
+            {
+                sandbox.shutdown().await;
+                return Err(ShimError::FailedPrecondition(format!(
+                    "configuring the pod's network in the VM: {e:#}"
+                )));
+            }
+            Ok(sandbox)
+        }
+        .await;
+        match booted {
+            Ok(sandbox) => Ok(PodVm::new(
+                req.id.clone(),
+                is_pod,
+                sandbox,
+                run_dir,
+                shared,
+                cgroup,
+                network,
+            )),
+            Err(e) => {
+                release_host_side(&run_dir, shared.as_ref(), network.as_ref(), cgroup.as_ref());
+                Err(e)
+            }
+        }
+    }
+
+    /// Creates the (held) container in the VM and attaches its stdio.
+    async fn create_in_vm(
+        &self,
+        req: &CreateTaskRequest,
+        b: &Bundle,
+        role: &Role,
+        vm: &Arc<PodVm>,
+        mounted: Option<PathBuf>,
+    ) -> ShimResult<Container> {
         std::fs::write(
-            bundle_dir.join(RUN_DIR_FILE),
-            run_dir.as_os_str().as_encoded_bytes(),
+            b.dir.join(RUN_DIR_FILE),
+            vm.run_dir.as_os_str().as_encoded_bytes(),
         )
         .map_err(|e| anyhow::anyhow!("writing {RUN_DIR_FILE} in the bundle: {e}"))?;
+        let made = self.create_in_guest(req, b, role, vm).await;
+        if made.is_err()
+            && let Some(s) = &vm.shared
+            && let Err(e) = s.remove_container(&req.id)
+        {
+            tracing::warn!("after the failed create: {e:#}");
+        }
+        let (streams, io, relays) = made?;
+        let init = Arc::new(Process::new("", io, streams, Vec::new()));
+        init.set_relays(relays);
+        Ok(Container::new(
+            req.id.clone(),
+            b.dir.clone(),
+            Arc::clone(vm),
+            mounted,
+            init,
+        ))
+    }
 
-        let share = match config.rootfs_mode {
-            RootfsMode::Virtiofs => RootfsShare::Virtiofs {
-                dir: b.rootfs.clone(),
-            },
-            RootfsMode::Block => {
-                let image = bundle_dir.join(ROOTFS_IMAGE);
-                let (src, dst) = (b.rootfs.clone(), image.clone());
-                tokio::task::spawn_blocking(move || rootfs_image::build(&src, &dst))
-                    .await
-                    .map_err(|e| anyhow::anyhow!("rootfs image builder: {e}"))?
-                    .map_err(|e| anyhow::anyhow!("building the rootfs image: {e}"))?;
-                RootfsShare::Block { image }
+    async fn create_in_guest(
+        &self,
+        req: &CreateTaskRequest,
+        b: &Bundle,
+        role: &Role,
+        vm: &PodVm,
+    ) -> ShimResult<(StdioStreams, IoPaths, stdio::Relays)> {
+        let rootfs = match (&vm.shared, vm.sandbox.block_rootfs()) {
+            (Some(shared), _) => {
+                let mut d = DirectoryRootfs::new();
+                d.path = shared.add_rootfs(&req.id, &b.rootfs)?;
+                let mut r = Rootfs::new();
+                r.set_directory(d);
+                r
+            }
+            (None, Some(block)) => block.clone(),
+            (None, None) => {
+                return Err(ShimError::Internal(anyhow::anyhow!(
+                    "the VM has neither a shared folder nor a rootfs image"
+                )));
             }
         };
-        tracing::info!(
-            id = %req.id, vcpus = size.vcpus, memory_mib = size.memory_mib,
-            rootfs_mode = ?config.rootfs_mode, "booting the VM"
+        let mut mapping = PodMapping::new(
+            role,
+            &req.id,
+            vm.shared.as_ref(),
+            host_pid(),
+            vm.owner_guest_pid(),
         );
-        let sandbox = Sandbox::boot(&config, size, &run_dir, share).await?;
-
-        let (guest_spec, warnings) = bundle::guest_spec(&b.raw);
+        let (guest_spec, warnings) = bundle::guest_spec_with(&b.raw, &mut mapping)
+            .map_err(|e| ShimError::InvalidArgument(format!("container {}: {e}", req.id)))?;
         for w in warnings {
-            tracing::warn!("{w}");
+            tracing::warn!(id = %req.id, "{w}");
         }
         let io = IoPaths {
             stdin: req.stdin.clone(),
@@ -225,36 +408,29 @@ impl Inner {
         let mut creq = CreateContainerRequest::new();
         creq.container_id = req.id.clone();
         creq.oci_spec_json = guest_spec.to_string().into_bytes();
-        creq.rootfs = Some(sandbox.rootfs().clone()).into();
+        creq.rootfs = Some(rootfs).into();
         creq.stdio = Some(streams.clone()).into();
         creq.terminal = req.terminal;
-        let setup = async {
-            sandbox
-                .client()
-                .create_container(&creq)
-                .await
-                .map_err(ShimError::agent("creating the container in the VM"))?;
-            stdio::start(sandbox.target(), &io, &streams)
-                .await
-                .map_err(ShimError::from)
-        };
-        let relays = match setup.await {
-            Ok(r) => r,
+        let client = vm.sandbox.client();
+        let created = client
+            .create_container(&creq)
+            .await
+            .map_err(ShimError::agent(format!(
+                "creating container {} in the VM",
+                req.id
+            )))?;
+        if vm.owner_id == req.id {
+            vm.set_owner_guest_pid(created.pid);
+        }
+        match stdio::start(vm.sandbox.target(), &io, &streams).await {
+            Ok(relays) => Ok((streams, io, relays)),
             Err(e) => {
-                sandbox.shutdown().await;
-                return Err(e);
+                if let Err(r) = client.remove_container(&req.id).await {
+                    tracing::warn!("removing {} after its stdio failed: {r}", req.id);
+                }
+                Err(ShimError::from(e))
             }
-        };
-        let init = Arc::new(Process::new("", io, streams, Vec::new()));
-        init.set_relays(relays);
-        Ok(Container::new(
-            req.id.clone(),
-            bundle_dir.to_path_buf(),
-            sandbox,
-            mounted,
-            run_dir,
-            init,
-        ))
+        }
     }
 
     async fn start(self: &Arc<Self>, req: StartRequest) -> ShimResult<StartResponse> {
@@ -265,7 +441,7 @@ impl Inner {
                 describe(&c, &p)
             )));
         }
-        let client = c.sandbox.client();
+        let client = c.sandbox().client();
         if p.exec_id.is_empty() {
             client
                 .start_container(&c.id)
@@ -297,7 +473,7 @@ impl Inner {
                 .exec_process(&ereq)
                 .await
                 .map_err(ShimError::agent(describe(&c, &p)))?;
-            match stdio::start(c.sandbox.target(), &p.io, &p.streams).await {
+            match stdio::start(c.sandbox().target(), &p.io, &p.streams).await {
                 Ok(r) => p.set_relays(r),
                 Err(e) => tracing::warn!("{}: stdio: {e:#}", describe(&c, &p)),
             }
@@ -323,14 +499,14 @@ impl Inner {
     /// TaskExit, then records the exit.
     async fn watch_exit(self: Arc<Self>, c: Arc<Container>, p: Arc<Process>) {
         let exit = tokio::select! {
-            r = c.sandbox.client().wait_process(&c.id, &p.exec_id) => match r {
+            r = c.sandbox().client().wait_process(&c.id, &p.exec_id) => match r {
                 Ok(w) => Exit::from_agent(w.exit_code, w.signal, w.exited_at_unix_ns),
                 Err(e) => {
                     tracing::error!("{}: WaitProcess: {e}", describe(&c, &p));
                     Exit::now(UNKNOWN_EXIT_STATUS)
                 }
             },
-            why = c.sandbox.stopped() => {
+            why = c.sandbox().stopped() => {
                 tracing::error!("{}: the VM stopped first: {why}", describe(&c, &p));
                 Exit::now(UNKNOWN_EXIT_STATUS)
             }
@@ -362,11 +538,12 @@ impl Inner {
         p.set_exited(exit);
     }
 
-    async fn forward_oom_events(self: Arc<Self>, c: Arc<Container>) {
+    /// Publishes TaskOOM for the agent's OOM events, for every container of the VM.
+    async fn forward_oom_events(self: Arc<Self>, vm: Arc<PodVm>) {
         loop {
             let r = tokio::select! {
-                r = c.sandbox.client().get_oom_event() => r,
-                _ = c.sandbox.stopped() => return,
+                r = vm.sandbox.client().get_oom_event() => r,
+                _ = vm.sandbox.stopped() => return,
             };
             match r {
                 Ok(id) => {
@@ -380,7 +557,7 @@ impl Inner {
                         .await;
                 }
                 Err(e) => {
-                    if c.is_deleted() || c.sandbox.is_stopped() {
+                    if vm.sandbox.is_stopped() {
                         return;
                     }
                     // e.g. no memory controller in the guest: do not spin.
@@ -415,12 +592,13 @@ impl Inner {
         }
 
         c.set_deleted();
-        if let Err(e) = c.sandbox.client().remove_container(&c.id).await
-            && !c.sandbox.is_stopped()
+        if let Err(e) = c.sandbox().client().remove_container(&c.id).await
+            && !c.sandbox().is_stopped()
         {
             tracing::warn!("removing container {} in the VM: {e}", c.id);
         }
-        self.teardown(&c).await;
+        self.release(&c).await;
+        lock(&self.containers).remove(&c.id);
         let event = TaskDelete {
             container_id: c.id.clone(),
             pid: host_pid(),
@@ -435,15 +613,22 @@ impl Inner {
         Ok(delete_response(exit))
     }
 
-    /// Stops the VM and releases the host side: rootfs mount, sockets, image. Idempotent.
-    async fn teardown(&self, c: &Container) {
-        c.sandbox.shutdown().await;
+    /// Releases a deleted container's host side: its share in the VM's shared folder, its
+    /// rootfs mount and files in the bundle; the VM with it when the container made it.
+    /// Idempotent.
+    async fn release(&self, c: &Container) {
+        if c.owns_vm() {
+            c.vm.teardown().await;
+        } else if let Some(s) = &c.vm.shared
+            && let Err(e) = s.remove_container(&c.id)
+        {
+            tracing::warn!("{e:#}");
+        }
         if let Some(m) = &c.mounted_rootfs
             && let Err(e) = rootfs::unmount_all(m)
         {
             tracing::warn!("{e:#}");
         }
-        let _ = std::fs::remove_dir_all(&c.run_dir);
         let _ = std::fs::remove_file(c.bundle.join(RUN_DIR_FILE));
         let _ = std::fs::remove_file(c.bundle.join(ROOTFS_IMAGE));
     }
@@ -468,7 +653,7 @@ impl Inner {
         let signal = i32::try_from(req.signal).map_err(|_| {
             ShimError::InvalidArgument(format!("signal {}: out of range", req.signal))
         })?;
-        c.sandbox
+        c.sandbox()
             .client()
             .signal_process(&c.id, &p.exec_id, signal, req.all)
             .await
@@ -551,21 +736,48 @@ impl Inner {
     }
 
     async fn shutdown(&self, req: ShutdownRequest) -> ShimResult<()> {
-        let current = self.container.lock().await.clone();
-        if let Some(c) = current
-            && !c.is_deleted()
-        {
+        let live: Vec<Arc<Container>> = lock(&self.containers)
+            .values()
+            .filter(|c| !c.is_deleted())
+            .cloned()
+            .collect();
+        if !live.is_empty() {
             if !req.now {
-                // containerd asks after every delete; a live container keeps the shim.
+                // containerd asks after every delete; live containers keep the shim.
                 return Ok(());
             }
-            c.set_deleted();
-            self.teardown(&c).await;
+            for c in &live {
+                c.set_deleted();
+                self.release(c).await;
+            }
+        }
+        if let Some(vm) = self.vm.lock().await.take() {
+            vm.teardown().await;
         }
         tracing::info!(shim = %self.shim_id, "shutting down");
         self.exit.signal();
         Ok(())
     }
+}
+
+/// The spec's `linux.cgroupsPath`, if any.
+fn cgroups_path(spec: &serde_json::Value) -> Option<String> {
+    spec.pointer("/linux/cgroupsPath")
+        .and_then(serde_json::Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
+}
+
+/// The host network namespace the spec joins (CRI's pod netns), if any.
+fn network_namespace(spec: &serde_json::Value) -> Option<String> {
+    spec.pointer("/linux/namespaces")?
+        .as_array()?
+        .iter()
+        .find(|ns| ns.get("type").and_then(serde_json::Value::as_str) == Some("network"))?
+        .get("path")
+        .and_then(serde_json::Value::as_str)
+        .filter(|p| !p.is_empty())
+        .map(str::to_owned)
 }
 
 fn describe(c: &Container, p: &Process) -> String {
@@ -639,7 +851,7 @@ impl Task for Service {
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
         let c = self.inner.container(&req.id).await?;
         let pids = c
-            .sandbox
+            .sandbox()
             .client()
             .list_processes(&c.id)
             .await
@@ -658,7 +870,7 @@ impl Task for Service {
 
     async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> TtrpcResult<Empty> {
         let c = self.inner.container(&req.id).await?;
-        c.sandbox
+        c.sandbox()
             .client()
             .pause_container(&c.id)
             .await
@@ -677,7 +889,7 @@ impl Task for Service {
 
     async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> TtrpcResult<Empty> {
         let c = self.inner.container(&req.id).await?;
-        c.sandbox
+        c.sandbox()
             .client()
             .resume_container(&c.id)
             .await
@@ -709,7 +921,7 @@ impl Task for Service {
     async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> TtrpcResult<Empty> {
         let (c, p) = self.inner.process(&req.id, &req.exec_id).await?;
         if req.stdin && !p.streams.stdin.is_empty() {
-            c.sandbox
+            c.sandbox()
                 .client()
                 .close_stdin(&c.id, &p.exec_id)
                 .await
@@ -723,7 +935,7 @@ impl Task for Service {
 
     async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> TtrpcResult<Empty> {
         let (c, p) = self.inner.process(&req.id, &req.exec_id).await?;
-        c.sandbox
+        c.sandbox()
             .client()
             .tty_win_resize(&c.id, &p.exec_id, req.height, req.width)
             .await
@@ -746,7 +958,7 @@ impl Task for Service {
                 ShimError::InvalidArgument(format!("update of {}: no resources", c.id))
             })?;
         let resp = c
-            .sandbox
+            .sandbox()
             .client()
             .update_container(&c.id, json)
             .await
@@ -760,7 +972,7 @@ impl Task for Service {
     async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> TtrpcResult<StatsResponse> {
         let c = self.inner.container(&req.id).await?;
         let s = c
-            .sandbox
+            .sandbox()
             .client()
             .stats_container(&c.id)
             .await

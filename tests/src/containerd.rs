@@ -1,7 +1,7 @@
 //! A private containerd for the shim tests: Debian's `containerd` started with its own
-//! config, root, state and socket under a temp dir (the CRI plugin off), driven with `ctr`,
-//! and an OCI image tarball built from a rootfs directory for `ctr images import` (no
-//! registry).
+//! config, root, state and socket under a temp dir, driven with `ctr`, and an OCI image
+//! tarball built from a rootfs directory for `ctr images import` (no registry). The CRI
+//! plugin is off unless the caller supplies its configuration (see `cri`).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -33,48 +33,102 @@ pub fn find_on_path(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// How to start a private containerd beyond the defaults of `Containerd::start`.
+#[derive(Default)]
+pub struct ContainerdOptions<'a> {
+    /// Folders put first on containerd's PATH (where it finds shims).
+    pub extra_path: &'a [&'a Path],
+    /// Added to containerd's environment (inherited by the shims).
+    pub env: &'a [(&'a str, &'a Path)],
+    /// Configuration of the CRI plugin (TOML after the `[grpc]` table, e.g. a
+    /// `[plugins."io.containerd.grpc.v1.cri"]` table); `None` disables the plugin.
+    pub cri_config: Option<String>,
+    /// Run containerd (and so its shims and CNI plugins) in a network namespace of its own,
+    /// with only `lo` up: the bridges and veths CNI makes stay out of the host's namespace
+    /// and go away with containerd.
+    pub own_netns: bool,
+    /// The ctr namespace `ctr`/`ctr_timeout` use and `Drop` cleans; `NAMESPACE` if `None`.
+    pub namespace: Option<&'static str>,
+}
+
 /// A running containerd; stopped (SIGTERM, then SIGKILL) and its folder removed on drop.
 pub struct Containerd {
     child: Child,
     dir: tempfile::TempDir,
+    namespace: &'static str,
 }
 
 impl Containerd {
     /// Starts containerd with `extra_path` first on its PATH (where it finds shims) and
-    /// `env` in its environment (inherited by the shims).
+    /// `env` in its environment (inherited by the shims); the CRI plugin is disabled.
     pub fn start(extra_path: &[&Path], env: &[(&str, &Path)]) -> Result<Self> {
+        Self::start_with(ContainerdOptions {
+            extra_path,
+            env,
+            ..Default::default()
+        })
+    }
+
+    pub fn start_with(options: ContainerdOptions<'_>) -> Result<Self> {
         let dir = tempfile::Builder::new()
             .prefix("husk-ctrd-")
             .tempdir()
             .context("creating the containerd test dir")?;
         let d = dir.path();
-        let config = format!(
-            "version = 2\nroot = {:?}\nstate = {:?}\n\
-             # The CRI plugin is not needed by ctr (and wants restrict_oom_score_adj here).\n\
-             disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-             [grpc]\n  address = {:?}\n",
+        let mut config = format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\n",
             d.join("root").display().to_string(),
             d.join("state").display().to_string(),
-            d.join("containerd.sock").display().to_string(),
         );
+        if options.cri_config.is_none() {
+            config.push_str(
+                "# The CRI plugin is not needed by ctr (and wants restrict_oom_score_adj here).\n\
+                 disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n",
+            );
+        }
+        config.push_str(&format!(
+            "[grpc]\n  address = {:?}\n",
+            d.join("containerd.sock").display().to_string(),
+        ));
+        if let Some(cri) = &options.cri_config {
+            config.push_str(cri);
+        }
         std::fs::write(d.join("config.toml"), config).context("writing config.toml")?;
-        let mut paths: Vec<PathBuf> = extra_path.iter().map(|p| p.to_path_buf()).collect();
+        let mut paths: Vec<PathBuf> = options.extra_path.iter().map(|p| p.to_path_buf()).collect();
         if let Some(p) = std::env::var_os("PATH") {
             paths.extend(std::env::split_paths(&p));
         }
         let log = std::fs::File::create(d.join("containerd.log")).context("containerd.log")?;
-        let mut cmd = Command::new("containerd");
+        let mut cmd = if options.own_netns {
+            // unshare and sh exec in place: the child's pid stays containerd's.
+            let mut c = Command::new("unshare");
+            c.args([
+                "--net",
+                "--",
+                "sh",
+                "-c",
+                "ip link set lo up && exec \"$0\" \"$@\"",
+                "containerd",
+            ]);
+            c
+        } else {
+            Command::new("containerd")
+        };
         cmd.arg("--config")
             .arg(d.join("config.toml"))
             .env("PATH", std::env::join_paths(paths).context("PATH")?)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
-        for (k, v) in env {
+        for (k, v) in options.env {
             cmd.env(k, v);
         }
         let child = cmd.spawn().context("starting containerd")?;
-        let mut c = Self { child, dir };
+        let mut c = Self {
+            child,
+            dir,
+            namespace: options.namespace.unwrap_or(NAMESPACE),
+        };
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = c.child.try_wait().context("waiting for containerd")? {
@@ -90,6 +144,11 @@ impl Containerd {
         }
     }
 
+    /// containerd's pid (its network namespace is `/proc/<pid>/ns/net`).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn dir(&self) -> &Path {
         self.dir.path()
     }
@@ -98,14 +157,14 @@ impl Containerd {
         self.dir.path().join("containerd.sock")
     }
 
-    /// `ctr -a SOCKET -n husk-test ARGS`, bounded by `timeout` (coreutils), stdin /dev/null.
+    /// `ctr -a SOCKET -n NAMESPACE ARGS` (the namespace of the options), bounded by `timeout` (coreutils), stdin /dev/null.
     pub fn ctr_timeout(&self, timeout: Duration, args: &[&str]) -> Result<Output> {
         Command::new("timeout")
             .args(["--kill-after=10", &format!("{}", timeout.as_secs())])
             .arg("ctr")
             .arg("-a")
             .arg(self.socket())
-            .args(["-n", NAMESPACE])
+            .args(["-n", self.namespace])
             .args(args)
             .stdin(Stdio::null())
             .output()
@@ -125,8 +184,13 @@ impl Containerd {
     }
 }
 
-impl Drop for Containerd {
-    fn drop(&mut self) {
+impl Containerd {
+    /// Removes every task of the namespace, then stops containerd; its folder stays until
+    /// drop. Does nothing once containerd has exited.
+    pub fn stop(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
         // Shims outlive containerd by design: remove every task first (a failed test may
         // leave one running, with its VM).
         if let Ok(out) = self.ctr(&["tasks", "ls", "-q"]) {
@@ -150,10 +214,28 @@ impl Drop for Containerd {
     }
 }
 
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 /// Builds an OCI image layout tarball (one uncompressed layer holding `rootfs`, an amd64
 /// linux config, a manifest and an index naming the image `name`) at `out`, with `tar` and
-/// `sha256sum` from coreutils/GNU tar.
+/// `sha256sum` from coreutils/GNU tar. The image's command is `/bin/sh`.
 pub fn build_oci_image(rootfs: &Path, name: &str, work: &Path, out: &Path) -> Result<()> {
+    build_oci_image_with_cmd(rootfs, name, &["/bin/sh"], work, out)
+}
+
+/// `build_oci_image` with the image's command `cmd`. `work` holds the layout being built:
+/// give each image its own.
+pub fn build_oci_image_with_cmd(
+    rootfs: &Path,
+    name: &str,
+    cmd: &[&str],
+    work: &Path,
+    out: &Path,
+) -> Result<()> {
     let layout = work.join("oci");
     let blobs = layout.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).with_context(|| format!("creating {}", blobs.display()))?;
@@ -169,7 +251,7 @@ pub fn build_oci_image(rootfs: &Path, name: &str, work: &Path, out: &Path) -> Re
     let config = json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{layer_digest}")]},
     });
     let (config_digest, config_size) = add_blob(&blobs, config.to_string().as_bytes())?;
@@ -214,6 +296,13 @@ pub fn build_oci_image(rootfs: &Path, name: &str, work: &Path, out: &Path) -> Re
 
 /// Stores `bytes` as a blob; returns its hex sha256 and size.
 fn add_blob(blobs: &Path, bytes: &[u8]) -> Result<(String, usize)> {
+    let digest = sha256_hex(bytes)?;
+    std::fs::write(blobs.join(&digest), bytes)?;
+    Ok((digest, bytes.len()))
+}
+
+/// The hex sha256 of `bytes`, by coreutils' `sha256sum`.
+pub fn sha256_hex(bytes: &[u8]) -> Result<String> {
     let mut child = Command::new("sha256sum")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
@@ -237,8 +326,7 @@ fn add_blob(blobs: &Path, bytes: &[u8]) -> Result<(String, usize)> {
             String::from_utf8_lossy(&out.stdout)
         );
     }
-    std::fs::write(blobs.join(&digest), bytes)?;
-    Ok((digest, bytes.len()))
+    Ok(digest)
 }
 
 fn run(cmd: &mut Command) -> Result<()> {

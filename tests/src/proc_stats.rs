@@ -65,6 +65,75 @@ fn mapping_start(line: &str) -> Option<u64> {
     u64::from_str_radix(a, 16).ok()
 }
 
+/// Host address ranges (start, length) of guest RAM in `pid`: the mappings whose name
+/// contains `husk-guest-ram` (the VMM names its anonymous or memfd guest RAM so), or, on
+/// hosts without anonymous mapping names, the nameless anonymous mappings exactly
+/// `ram_bytes` long (guest RAM below the MMIO gap is one mapping).
+pub fn guest_ram_ranges(pid: u32, ram_bytes: u64) -> Vec<(u64, u64)> {
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    let parse = |l: &str| -> Option<(u64, u64)> {
+        let (a, b) = l.split_whitespace().next()?.split_once('-')?;
+        let (a, b) = (
+            u64::from_str_radix(a, 16).ok()?,
+            u64::from_str_radix(b, 16).ok()?,
+        );
+        Some((a, b - a))
+    };
+    let named: Vec<_> = maps
+        .lines()
+        .filter(|l| l.contains("husk-guest-ram"))
+        .filter_map(parse)
+        .collect();
+    if !named.is_empty() {
+        return named;
+    }
+    maps.lines()
+        // address, perms, offset, device, inode: no path
+        .filter(|l| l.split_whitespace().count() == 5)
+        .filter_map(parse)
+        .filter(|&(_, len)| len == ram_bytes)
+        .collect()
+}
+
+/// `pid` and all its descendants (a shim's or monitor's virtiofsd, which forks a sandboxed
+/// child).
+pub fn process_tree(pid: u32) -> Vec<u32> {
+    let mut parents: Vec<(u32, u32)> = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        // The field after the state, past the parenthesised command name.
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse().ok());
+        if let Some(ppid) = ppid {
+            parents.push((p, ppid));
+        }
+    }
+    let mut tree = vec![pid];
+    let mut i = 0;
+    while i < tree.len() {
+        let parent = tree[i];
+        tree.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
+        i += 1;
+    }
+    tree
+}
+
+/// The command name of `pid` (`/proc/<pid>/comm`), `?` if gone.
+pub fn comm(pid: u32) -> String {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "?".into())
+}
+
 /// User and system CPU time of `pid` in microseconds (from /proc/<pid>/stat).
 pub fn cpu_time_us(pid: u32) -> Result<(u64, u64)> {
     let path = Path::new("/proc").join(pid.to_string()).join("stat");
@@ -100,6 +169,23 @@ VmFlags: rd wr mr mw me ac
         assert_eq!(r.total_kib, 700 + 20480 + 132);
         assert_eq!(r.guest_ram_kib, 20480);
         assert_eq!(r.excluding_guest_ram_kib(), 832);
+    }
+
+    #[test]
+    fn process_tree_holds_children() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let tree = process_tree(std::process::id());
+        let _ = child.kill();
+        let _ = child.wait();
+        assert_eq!(tree[0], std::process::id());
+        assert!(
+            tree.contains(&child.id()),
+            "{tree:?} lacks the child {}",
+            child.id()
+        );
     }
 
     #[test]

@@ -1,0 +1,294 @@
+//! The host folder a VM's virtiofsd shares with the guest: `<run dir>/shared/`. Every
+//! container of the VM gets `<shared>/<container id>/rootfs`, a bind of its rootfs, and
+//! `<shared>/<container id>/binds/<n>`, binds of the host files and folders its spec mounts
+//! (CRI's hosts, resolv.conf and hostname files, volumes). The guest mounts the share once,
+//! at boot, and sees containers come and go under it (Kata's shared-folder model).
+//!
+//! The folder is a private mount of its own, so the binds made under it do not propagate
+//! into other mount namespaces. Removal unmounts everything below it first and refuses to
+//! delete while anything is still mounted there: a recursive delete through a live bind
+//! would delete the user's files.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+
+/// Guest-side name of the share (virtio-fs tag and sandbox mount name).
+pub const SHARE_TAG: &str = "shared";
+const ROOTFS: &str = "rootfs";
+const BINDS: &str = "binds";
+
+/// The shared folder on the host and where the guest mounts it.
+pub struct SharedDir {
+    root: PathBuf,
+    /// The share's path in the guest (`<sandbox dir>/mounts/shared`), once the sandbox exists.
+    guest_root: std::sync::OnceLock<String>,
+}
+
+impl SharedDir {
+    /// Creates `root` as a private mount point (a bind of itself).
+    pub fn create(root: &Path) -> Result<Self> {
+        std::fs::create_dir_all(root)
+            .with_context(|| format!("creating the shared folder {}", root.display()))?;
+        mount(
+            Some(root),
+            root,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .with_context(|| format!("bind-mounting the shared folder {}", root.display()))?;
+        if let Err(e) = mount(
+            None::<&str>,
+            root,
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        ) {
+            let _ = umount2(root, MntFlags::MNT_DETACH);
+            return Err(e).with_context(|| format!("making {} a private mount", root.display()));
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            guest_root: std::sync::OnceLock::new(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.root
+    }
+
+    /// Records where the guest mounted the share.
+    pub fn set_guest_root(&self, guest_root: String) {
+        let _ = self.guest_root.set(guest_root);
+    }
+
+    fn guest_root(&self) -> Result<&str> {
+        self.guest_root
+            .get()
+            .map(String::as_str)
+            .context("the shared folder is not mounted in the guest yet")
+    }
+
+    fn container_dir(&self, id: &str) -> Result<PathBuf> {
+        // containerd's ids are [A-Za-z0-9_.-]; anything else must not make a path.
+        if id.is_empty()
+            || id.starts_with('.')
+            || !id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+        {
+            bail!("container id {id:?} cannot name a shared folder");
+        }
+        Ok(self.root.join(id))
+    }
+
+    /// Binds container `id`'s rootfs into the share; returns its path in the guest.
+    pub fn add_rootfs(&self, id: &str, rootfs: &Path) -> Result<String> {
+        let target = self.container_dir(id)?.join(ROOTFS);
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        bind(rootfs, &target, false)?;
+        Ok(format!("{}/{id}/{ROOTFS}", self.guest_root()?))
+    }
+
+    /// Binds host path `source` (a file or a folder) into the share as container `id`'s
+    /// bind number `n`, read-only on the host too when `read_only` (a hostile guest must
+    /// not write through a read-only volume). Returns the `sandbox://` source the guest
+    /// binds in the container.
+    pub fn add_bind(&self, id: &str, n: usize, source: &Path, read_only: bool) -> Result<String> {
+        let meta = std::fs::metadata(source)
+            .with_context(|| format!("bind source {}", source.display()))?;
+        let dir = self.container_dir(id)?.join(BINDS);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let target = dir.join(n.to_string());
+        if meta.is_dir() {
+            std::fs::create_dir_all(&target)
+        } else {
+            File::create(&target).map(drop)
+        }
+        .with_context(|| format!("creating the bind target {}", target.display()))?;
+        bind(source, &target, read_only)?;
+        Ok(format!("sandbox://mounts/{SHARE_TAG}/{id}/{BINDS}/{n}"))
+    }
+
+    /// Unmounts and removes container `id`'s part of the share. Idempotent.
+    pub fn remove_container(&self, id: &str) -> Result<()> {
+        remove_tree(&self.container_dir(id)?)
+    }
+
+    /// Unmounts and removes the whole share. Idempotent.
+    pub fn remove(&self) -> Result<()> {
+        remove_tree(&self.root)
+    }
+}
+
+fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
+    mount(
+        Some(source),
+        target,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .with_context(|| format!("binding {} at {}", source.display(), target.display()))?;
+    if read_only {
+        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+            let _ = umount2(target, MntFlags::MNT_DETACH);
+            return Err(e).with_context(|| format!("making {} read-only", target.display()));
+        }
+    }
+    Ok(())
+}
+
+/// Mount points at or below `dir`, deepest first.
+fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>> {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").context("reading mountinfo")?;
+    let mut found: Vec<PathBuf> = text
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(unescape_mountinfo(p)))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    found.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    found.dedup();
+    Ok(found)
+}
+
+/// mountinfo escapes space, tab, newline and backslash as octal.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts everything at or below `dir` (lazily: a straggler in the guest's share must not
+/// block the delete), then deletes `dir` — only once nothing is mounted there any more.
+pub fn remove_tree(dir: &Path) -> Result<()> {
+    if std::fs::symlink_metadata(dir).is_err() {
+        return Ok(());
+    }
+    // Stacked mounts on one point need one unmount each.
+    for _ in 0..8 {
+        let mounts = mounts_below(dir)?;
+        if mounts.is_empty() {
+            break;
+        }
+        for m in mounts {
+            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH)
+                && e != nix::errno::Errno::EINVAL
+                && e != nix::errno::Errno::ENOENT
+            {
+                return Err(e).with_context(|| format!("unmounting {}", m.display()));
+            }
+        }
+    }
+    let left = mounts_below(dir)?;
+    if let Some(m) = left.first() {
+        bail!(
+            "{} is still mounted; not deleting {} (it would delete through the mount)",
+            m.display(),
+            dir.display()
+        );
+    }
+    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        nix::unistd::geteuid().is_root()
+    }
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/a\040b\134c"), r"/a b\c");
+        assert_eq!(unescape_mountinfo(r"/plain"), "/plain");
+        assert_eq!(unescape_mountinfo(r"/end\04"), r"/end\04");
+    }
+
+    #[test]
+    fn ids_that_cannot_name_a_folder_are_refused() {
+        let s = SharedDir {
+            root: PathBuf::from("/nonexistent/shared"),
+            guest_root: std::sync::OnceLock::new(),
+        };
+        for bad in ["", "..", ".x", "a/b", "a b"] {
+            assert!(s.container_dir(bad).is_err(), "{bad:?}");
+        }
+        assert!(s.container_dir("pod-1_a.b").is_ok());
+    }
+
+    #[test]
+    fn binds_are_shared_read_only_and_removed_without_touching_the_sources() {
+        if !is_root() {
+            eprintln!("skipped: bind mounts need root");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let rootfs = tmp.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        let volume = tmp.path().join("volume");
+        std::fs::create_dir(&volume).unwrap();
+        std::fs::write(volume.join("keep"), "data").unwrap();
+        let hosts = tmp.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+
+        let share = SharedDir::create(&tmp.path().join("shared")).unwrap();
+        share.set_guest_root("/run/sb/mounts/shared".into());
+        assert_eq!(
+            share.add_rootfs("c1", &rootfs).unwrap(),
+            "/run/sb/mounts/shared/c1/rootfs"
+        );
+        assert!(share.path().join("c1/rootfs/bin").is_dir());
+        assert_eq!(
+            share.add_bind("c1", 0, &hosts, true).unwrap(),
+            "sandbox://mounts/shared/c1/binds/0"
+        );
+        assert_eq!(
+            std::fs::read_to_string(share.path().join("c1/binds/0")).unwrap(),
+            "127.0.0.1 localhost\n"
+        );
+        let err = std::fs::write(share.path().join("c1/binds/0"), "x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+        share.add_bind("c1", 1, &volume, false).unwrap();
+        std::fs::write(share.path().join("c1/binds/1/new"), "w").unwrap();
+        assert_eq!(std::fs::read_to_string(volume.join("new")).unwrap(), "w");
+        let err = share
+            .add_bind("c1", 2, &tmp.path().join("missing"), false)
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("missing"), "{err:#}");
+
+        share.remove_container("c1").unwrap();
+        share.remove_container("c1").unwrap();
+        share.remove().unwrap();
+        share.remove().unwrap();
+        assert!(!tmp.path().join("shared").exists());
+        // The sources are intact.
+        assert_eq!(
+            std::fs::read_to_string(volume.join("keep")).unwrap(),
+            "data"
+        );
+        assert!(rootfs.join("bin").is_dir());
+        assert!(hosts.is_file());
+        assert!(mounts_below(tmp.path()).unwrap().is_empty());
+    }
+}
