@@ -286,18 +286,54 @@ fn move_self(cgroup: &Path) -> Result<()> {
         .with_context(|| format!("moving the shim into {}", cgroup.display()))
 }
 
-/// `delete` after a shim died: removes the pod cgroup where it is empty (best effort;
-/// the kernel refuses to remove a cgroup that still has processes).
-pub fn remove_if_empty(cgroups_path: &str) {
+/// `delete` after a shim died: removes the pod cgroup in every hierarchy. What is still
+/// in it belonged to the dead shim (its virtiofsd, or the shim itself while the kernel is
+/// still tearing it down): it is killed, and the removal retried for a few seconds.
+pub fn remove_after_crash(cgroups_path: &str) {
     let (Ok(rel), Ok(hierarchies)) = (relative_path(cgroups_path), hierarchies()) else {
         return;
     };
+    let deadline = std::time::Instant::now() + CRASH_CLEANUP_WAIT;
     for h in hierarchies {
         let path = h.mount.join(&rel);
-        match std::fs::remove_dir(&path) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => tracing::warn!("removing the pod cgroup {}: {e}", path.display()),
+        loop {
+            match std::fs::remove_dir(&path) {
+                Ok(()) => break,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => break,
+                Err(e)
+                    if e.raw_os_error() == Some(libc::EBUSY)
+                        && std::time::Instant::now() < deadline =>
+                {
+                    kill_members(&path);
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                Err(e) => {
+                    tracing::warn!("removing the pod cgroup {}: {e}", path.display());
+                    eprintln!(
+                        "{}: removing the pod cgroup {}: {e}",
+                        crate::RUNTIME_NAME,
+                        path.display()
+                    );
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// How long `delete` waits for a dead shim's cgroup to empty.
+const CRASH_CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// SIGKILL to every process listed in a cgroup (never to ourselves).
+fn kill_members(cgroup: &Path) {
+    let me = std::process::id();
+    let procs = std::fs::read_to_string(cgroup.join("cgroup.procs")).unwrap_or_default();
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        if pid > 0 && pid as u32 != me {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
         }
     }
 }
@@ -400,6 +436,42 @@ mod tests {
         );
         for h in hierarchies().unwrap() {
             assert!(!h.mount.join(&name).join("pod").exists());
+            std::fs::remove_dir(h.mount.join(&name)).unwrap();
+        }
+    }
+
+    #[test]
+    fn crash_cleanup_kills_what_is_left_and_removes_the_cgroup() {
+        if !nix::unistd::geteuid().is_root() || hierarchies().map_or(true, |h| h.is_empty()) {
+            eprintln!("skipped: needs root and a mounted cgroup hierarchy (v1 or v2)");
+            return;
+        }
+        let name = format!("husk-shim-crash-test-{}", std::process::id());
+        let rel = format!("/{name}/sandbox");
+        // A leftover of a dead shim: a process in the sandbox's cgroup, reaped by its parent
+        // (here a thread; containerd for a real shim) once it is killed.
+        let mut child = std::process::Command::new("sleep")
+            .arg("1000")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        for h in hierarchies().unwrap() {
+            create_cgroup_dirs(&h.mount, &relative_path(&rel).unwrap()).unwrap();
+            std::fs::write(
+                h.mount.join(&name).join("sandbox").join("cgroup.procs"),
+                pid.to_string(),
+            )
+            .unwrap();
+        }
+        let reaper = std::thread::spawn(move || child.wait().unwrap());
+        remove_after_crash(&rel);
+        let status = reaper.join().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        for h in hierarchies().unwrap() {
+            assert!(!h.mount.join(&name).join("sandbox").exists());
             std::fs::remove_dir(h.mount.join(&name)).unwrap();
         }
     }

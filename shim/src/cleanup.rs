@@ -61,7 +61,7 @@ pub fn delete(flags: &containerd_shim::Flags) -> Result<()> {
         && let Some(path) = spec.pointer("/linux/cgroupsPath").and_then(|p| p.as_str())
         && !path.is_empty()
     {
-        cgroup::remove_if_empty(path);
+        cgroup::remove_after_crash(path);
     }
     // The dead shim's socket (its address is in the bundle, written by `start`); a pod
     // container's address is its pod's shim, which may still be serving.

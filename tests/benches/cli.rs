@@ -12,46 +12,19 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use husk_tests::GuestImage;
 use husk_tests::husk_cli::{Bundle, Husk, spec};
 use husk_tests::podman::find_virtiofsd;
-use husk_tests::proc_stats;
+use husk_tests::proc_stats::{self, process_tree};
+use husk_tests::timing::Stats;
 
 fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(default)
-}
-
-struct Stats {
-    p50: Duration,
-    min: Duration,
-    max: Duration,
-    runs: usize,
-}
-
-fn stats(mut times: Vec<Duration>) -> Stats {
-    times.sort();
-    Stats {
-        p50: times[times.len() / 2],
-        min: times[0],
-        max: times[times.len() - 1],
-        runs: times.len(),
-    }
-}
-
-fn print(what: &str, s: &Stats) {
-    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
-    println!(
-        "{what}: p50 {:.1} ms  min {:.1} ms  max {:.1} ms  ({} runs)",
-        ms(s.p50),
-        ms(s.min),
-        ms(s.max),
-        s.runs
-    );
 }
 
 /// Times `runs` runs of `make(i)`, which must exit 0.
@@ -72,75 +45,9 @@ fn time_runs(what: &str, runs: u64, make: impl Fn(u64) -> Command) -> Stats {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let s = stats(times);
-    print(what, &s);
+    let s = Stats::of(times).expect("at least one run");
+    println!("{}", s.line(what, "runs"));
     s
-}
-
-/// Host address ranges of guest RAM in `pid`: the mappings named `husk-guest-ram`, or, on
-/// hosts without anonymous mapping names, the nameless anonymous mappings exactly
-/// `ram_bytes` long (guest RAM below the MMIO gap is one mapping).
-fn guest_ram_ranges(pid: u32, ram_bytes: u64) -> Vec<(u64, u64)> {
-    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
-    let parse = |l: &str| -> Option<(u64, u64)> {
-        let (a, b) = l.split_whitespace().next()?.split_once('-')?;
-        let (a, b) = (
-            u64::from_str_radix(a, 16).ok()?,
-            u64::from_str_radix(b, 16).ok()?,
-        );
-        Some((a, b - a))
-    };
-    let named: Vec<_> = maps
-        .lines()
-        .filter(|l| l.contains("husk-guest-ram"))
-        .filter_map(parse)
-        .collect();
-    if !named.is_empty() {
-        return named;
-    }
-    maps.lines()
-        // address, perms, offset, device, inode: no path
-        .filter(|l| l.split_whitespace().count() == 5)
-        .filter_map(parse)
-        .filter(|&(_, len)| len == ram_bytes)
-        .collect()
-}
-
-/// `pid` and all its descendants (virtiofsd forks a sandboxed child).
-fn process_tree(pid: u32) -> Vec<u32> {
-    let mut parents: Vec<(u32, u32)> = Vec::new();
-    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-        // The field after the state, past the parenthesised command name.
-        let ppid = stat
-            .rsplit_once(')')
-            .and_then(|(_, r)| r.split_whitespace().nth(1)?.parse().ok());
-        if let Some(ppid) = ppid {
-            parents.push((p, ppid));
-        }
-    }
-    let mut tree = vec![pid];
-    let mut i = 0;
-    while i < tree.len() {
-        let parent = tree[i];
-        tree.extend(
-            parents
-                .iter()
-                .filter(|(_, pp)| *pp == parent)
-                .map(|(p, _)| *p),
-        );
-        i += 1;
-    }
-    tree
-}
-
-fn comm(pid: u32) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "?".into())
 }
 
 /// Starts a `sleep` container with `husk run -d` and prints the RSS of its host processes.
@@ -175,26 +82,7 @@ fn memory_per_container(husk: &Husk, mode: &str) {
             }
         }
     }
-    let mut total = 0;
-    let mut guest_ram_seen = false;
-    for pid in pids {
-        let ranges = guest_ram_ranges(pid, ram_bytes);
-        guest_ram_seen |= !ranges.is_empty();
-        let Ok(rss) = proc_stats::rss(pid, &ranges) else {
-            continue;
-        };
-        println!(
-            "  {mode}: pid {pid} {}: RSS {} KiB, of which guest RAM {} KiB -> {} KiB",
-            comm(pid),
-            rss.total_kib,
-            rss.guest_ram_kib,
-            rss.excluding_guest_ram_kib()
-        );
-        total += rss.excluding_guest_ram_kib();
-    }
-    if !guest_ram_seen {
-        println!("  {mode}: guest RAM not found in the mappings: the figure below includes it");
-    }
+    let total = proc_stats::memory_excluding_guest_ram(&pids, ram_bytes, &format!("{mode}: "));
     let parts = if state["virtiofsd"]["pid"].is_u64() {
         "monitor with in-process VMM + virtiofsd"
     } else {

@@ -20,7 +20,8 @@ use husk_tests::cri::{CriHarness, HUSK_HANDLER, HUSK_SHIM, Pod, RUNC_HANDLER, cr
 use husk_tests::host::kvm_unavailable_reason;
 use husk_tests::husk_cli::Husk;
 use husk_tests::podman::find_virtiofsd;
-use husk_tests::proc_stats::{self, comm, guest_ram_ranges, process_tree};
+use husk_tests::proc_stats::{self, process_tree};
+use husk_tests::timing::{Stats, ms};
 use husk_tests::{BusyboxImage, GuestImage, workspace};
 
 /// Guest RAM of a pod VM whose spec sets no limit (set in the bench's husk config, so the
@@ -29,39 +30,6 @@ const MEMORY_MIB: u64 = 128;
 /// How long an idle pod's CPU use is sampled.
 const IDLE_WINDOW: Duration = Duration::from_secs(10);
 
-struct Stats {
-    p50: Duration,
-    min: Duration,
-    max: Duration,
-    runs: usize,
-}
-
-fn stats(mut times: Vec<Duration>) -> Stats {
-    times.sort();
-    Stats {
-        p50: times[times.len() / 2],
-        min: times[0],
-        max: times[times.len() - 1],
-        runs: times.len(),
-    }
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-fn print(what: &str, s: &Stats) {
-    println!(
-        "{what}: p50 {:.1} ms  min {:.1} ms  max {:.1} ms  ({} pods)",
-        ms(s.p50),
-        ms(s.min),
-        ms(s.max),
-        s.runs
-    );
-}
-
-/// RSS of the pod's shim and its descendants, excluding guest RAM, printed per process;
-/// returns the total in KiB.
 /// Host CPU used by an idle pod (shim with its VMM, and virtiofsd) over `IDLE_WINDOW`, in
 /// percent of one core: what a running pod costs the node while its containers sleep.
 fn idle_cpu_percent(h: &CriHarness, pod: &Pod) -> Option<f64> {
@@ -90,26 +58,7 @@ fn shim_memory(h: &CriHarness, pod: &Pod) -> Option<u64> {
         );
         return None;
     };
-    let mut total = 0;
-    let mut guest_ram_seen = false;
-    for pid in process_tree(shim) {
-        let ranges = guest_ram_ranges(pid, MEMORY_MIB << 20);
-        guest_ram_seen |= !ranges.is_empty();
-        let Ok(rss) = proc_stats::rss(pid, &ranges) else {
-            continue;
-        };
-        println!(
-            "  pid {pid} {}: RSS {} KiB, of which guest RAM {} KiB -> {} KiB",
-            comm(pid),
-            rss.total_kib,
-            rss.guest_ram_kib,
-            rss.excluding_guest_ram_kib()
-        );
-        total += rss.excluding_guest_ram_kib();
-    }
-    if !guest_ram_seen {
-        println!("  guest RAM not found in the mappings: the figure below includes it");
-    }
+    let total = proc_stats::memory_excluding_guest_ram(&process_tree(shim), MEMORY_MIB << 20, "");
     Some(total)
 }
 
@@ -156,15 +105,23 @@ fn start_pods(h: &CriHarness, handler: &str, pods: u64, measure_memory: bool) ->
             .unwrap_or_else(|e| panic!("removing {name}: {e:#}\n{}", h.log_tail(40)));
         teardown.push(t.elapsed());
     }
-    let s = stats(times);
-    print(
-        &format!("{handler}: RunPodSandbox + CreateContainer + StartContainer"),
-        &s,
+    let s = Stats::of(times).expect("at least one pod");
+    println!(
+        "{}",
+        s.line(
+            &format!("{handler}: RunPodSandbox + CreateContainer + StartContainer"),
+            "pods"
+        )
     );
-    print(
-        &format!("{handler}: StopPodSandbox + RemovePodSandbox"),
-        &stats(teardown),
-    );
+    if let Some(t) = Stats::of(teardown) {
+        println!(
+            "{}",
+            t.line(
+                &format!("{handler}: StopPodSandbox + RemovePodSandbox"),
+                "pods"
+            )
+        );
+    }
     if !idle_cpu.is_empty() {
         idle_cpu.sort_by(f64::total_cmp);
         println!(

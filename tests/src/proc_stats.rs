@@ -127,6 +127,34 @@ pub fn process_tree(pid: u32) -> Vec<u32> {
     tree
 }
 
+/// Prints each process's RSS (total, guest RAM, the rest) prefixed with `label` and returns
+/// the sum of the rest in KiB: the host memory of a VM's processes, without guest RAM of
+/// `ram_bytes` (see [`guest_ram_ranges`]). Says so if no process showed guest RAM, as the
+/// figure then includes it.
+pub fn memory_excluding_guest_ram(pids: &[u32], ram_bytes: u64, label: &str) -> u64 {
+    let mut total = 0;
+    let mut guest_ram_seen = false;
+    for &pid in pids {
+        let ranges = guest_ram_ranges(pid, ram_bytes);
+        guest_ram_seen |= !ranges.is_empty();
+        let Ok(rss) = rss(pid, &ranges) else {
+            continue; // gone meanwhile
+        };
+        println!(
+            "  {label}pid {pid} {}: RSS {} KiB, of which guest RAM {} KiB -> {} KiB",
+            comm(pid),
+            rss.total_kib,
+            rss.guest_ram_kib,
+            rss.excluding_guest_ram_kib()
+        );
+        total += rss.excluding_guest_ram_kib();
+    }
+    if !guest_ram_seen {
+        println!("  {label}guest RAM not found in the mappings: the figure below includes it");
+    }
+    total
+}
+
 /// The command name of `pid` (`/proc/<pid>/comm`), `?` if gone.
 pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))
