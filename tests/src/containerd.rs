@@ -171,6 +171,40 @@ impl Containerd {
             .with_context(|| format!("running ctr {args:?}"))
     }
 
+    /// `ctr` with a terminal of `rows`×`cols` as its stdin/stdout (util-linux `script`
+    /// makes the pty; `ctr run -t` refuses to run without one). Returns what the terminal
+    /// showed and ctr's exit status.
+    pub fn ctr_on_terminal(
+        &self,
+        timeout: Duration,
+        (rows, cols): (u16, u16),
+        args: &[&str],
+    ) -> Result<Output> {
+        let quote = |a: &str| format!("'{}'", a.replace('\'', r"'\''"));
+        let mut line = format!(
+            "stty rows {rows} cols {cols}; exec ctr -a {} -n {}",
+            quote(&self.socket().display().to_string()),
+            quote(self.namespace)
+        );
+        for a in args {
+            line.push(' ');
+            line.push_str(&quote(a));
+        }
+        Command::new("timeout")
+            .args(["--kill-after=10", &format!("{}", timeout.as_secs())])
+            .args([
+                "script",
+                "--quiet",
+                "--return",
+                "--command",
+                &line,
+                "/dev/null",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running ctr {args:?} on a terminal (script)"))
+    }
+
     pub fn ctr(&self, args: &[&str]) -> Result<Output> {
         self.ctr_timeout(Duration::from_secs(60), args)
     }

@@ -843,29 +843,19 @@ impl Drop for CriHarness {
 }
 
 fn shims_with_address(shim: &str, socket: &str) -> Vec<ShimProcess> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let flag = |name: &str| args.windows(2).find(|w| w[0] == name).map(|w| w[1].clone());
-        if args.first().is_some_and(|a| a.ends_with(shim))
-            && flag("-address").as_deref() == Some(socket)
-        {
-            found.push(ShimProcess {
-                pid,
-                id: flag("-id").unwrap_or_default(),
-            });
-        }
-    }
-    found
+    crate::proc_stats::command_lines()
+        .into_iter()
+        .filter(|(_, args)| {
+            args.first().is_some_and(|a| a.ends_with(shim))
+                && crate::proc_stats::flag_value(args, "-address") == Some(socket)
+        })
+        .map(|(pid, args)| ShimProcess {
+            pid,
+            id: crate::proc_stats::flag_value(&args, "-id")
+                .unwrap_or_default()
+                .to_owned(),
+        })
+        .collect()
 }
 
 fn namespace_options() -> cri::NamespaceOption {

@@ -155,6 +155,37 @@ pub fn memory_excluding_guest_ram(pids: &[u32], ram_bytes: u64, label: &str) -> 
     total
 }
 
+/// Every process with its arguments (`/proc/<pid>/cmdline` split at NULs); kernel threads
+/// have none.
+pub fn command_lines() -> Vec<(u32, Vec<String>)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue; // gone meanwhile
+        };
+        let Some(body) = cmdline.strip_suffix(&[0]) else {
+            found.push((pid, Vec::new()));
+            continue; // a kernel thread or a zombie
+        };
+        let args = body
+            .split(|b| *b == 0)
+            .map(|a| String::from_utf8_lossy(a).into_owned())
+            .collect();
+        found.push((pid, args));
+    }
+    found
+}
+
+/// The value after `flag` in `args` (`-id X` gives `X`).
+pub fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    args.windows(2)
+        .find(|w| w[0] == flag)
+        .map(|w| w[1].as_str())
+}
+
 /// The command name of `pid` (`/proc/<pid>/comm`), `?` if gone.
 pub fn comm(pid: u32) -> String {
     std::fs::read_to_string(format!("/proc/{pid}/comm"))

@@ -2,7 +2,8 @@
 //! Debian containerd (own config, root, state and socket), an image imported from an OCI
 //! tarball built from the busybox rootfs, and `ctr` as the client.
 //!
-//! - `ctr run --rm`: the output comes back, the exit code is the container's, and the
+//! - `ctr run --rm -t` on a terminal: the output comes back through the container's own
+//!   pty (`/dev/pts/0`) sized like ctr's terminal, the exit code is the container's, and the
 //!   container ran under the guest kernel (release ending in `-husk`, not the host's);
 //! - `ctr run -d`, `ctr task exec` (output and exit code), `ctr task kill`, `ctr task
 //!   delete`: afterwards no shim and no rootfs mount is left;
@@ -48,28 +49,16 @@ fn virtiofsd_installed() -> bool {
 
 /// Shim processes of container `id` in the test namespace.
 fn shims_of(id: &str) -> Vec<u32> {
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<String> = cmdline
-            .split(|b| *b == 0)
-            .map(|a| String::from_utf8_lossy(a).into_owned())
-            .collect();
-        let is_shim = args.first().is_some_and(|a| a.ends_with(SHIM));
-        let ours = args
-            .windows(2)
-            .any(|w| w[0] == "-namespace" && w[1] == husk_tests::containerd::NAMESPACE)
-            && args.windows(2).any(|w| w[0] == "-id" && w[1] == id);
-        if is_shim && ours {
-            pids.push(pid);
-        }
-    }
-    pids
+    use husk_tests::proc_stats::{command_lines, flag_value};
+    command_lines()
+        .into_iter()
+        .filter(|(_, args)| {
+            args.first().is_some_and(|a| a.ends_with(SHIM))
+                && flag_value(args, "-namespace") == Some(husk_tests::containerd::NAMESPACE)
+                && flag_value(args, "-id") == Some(id)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 fn mounts_under(dir: &Path) -> Vec<String> {
@@ -161,44 +150,64 @@ fn ctr_runs_containers_in_husk_vms() {
         fail("ctr images import", &text(&out.stderr));
     }
 
-    // 1. ctr run --rm: output, exit code, and the guest's kernel.
+    // 1. ctr run --rm -t: output through the container's terminal, the terminal's size
+    // (ResizePty from ctr's console), the exit code, and the guest's kernel.
     let out = ctrd
-        .ctr_timeout(
+        .ctr_on_terminal(
             RUN_TIMEOUT,
+            (30, 100),
             &[
                 "run",
                 "--rm",
+                "-t",
                 "--runtime",
                 RUNTIME,
                 IMAGE,
                 "rm1",
                 "sh",
                 "-c",
-                "uname -r; echo out-ok; exit 3",
+                "uname -r; tty; stty size; echo out-ok; exit 3",
             ],
         )
-        .expect("ctr run");
-    let stdout = text(&out.stdout);
+        .expect("ctr run -t");
+    let stdout = text(&out.stdout).replace('\r', "");
     if out.status.code() != Some(3) {
         fail(
-            "ctr run --rm exit code",
+            "ctr run --rm -t exit code",
             &format!(
-                "{} (expected 3); stdout {stdout:?}, stderr {:?}",
+                "{} (expected 3); terminal {stdout:?}, stderr {:?}",
                 out.status,
                 text(&out.stderr)
             ),
         );
     }
-    let lines: Vec<&str> = stdout.lines().collect();
-    let release = lines.first().copied().unwrap_or_default();
-    assert!(
-        release.ends_with("-husk") && release != host_release(),
-        "the container ran under {release:?}, expected the guest kernel (-husk), host is {:?}",
-        host_release()
+    // A stray NUL may precede the first line on the terminal.
+    let lines: Vec<&str> = stdout
+        .lines()
+        .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
+        .collect();
+    let at = lines
+        .iter()
+        .position(|l| l.ends_with("-husk"))
+        .unwrap_or_else(|| {
+            panic!(
+                "no guest kernel release (-husk) in the terminal output {stdout:?}; host is {:?}",
+                host_release()
+            )
+        });
+    assert_ne!(
+        lines[at],
+        host_release(),
+        "the container ran on the host kernel"
     );
-    assert_eq!(lines.get(1).copied(), Some("out-ok"), "stdout {stdout:?}");
+    assert_eq!(
+        lines.get(at + 1..at + 4),
+        Some(&["/dev/pts/0", "30 100", "out-ok"][..]),
+        "tty, stty size and echo in {stdout:?}"
+    );
     eprintln!(
-        "ctr run --rm: {release}, exit 3, after {:?}",
+        "ctr run --rm -t: {}, its own pty of 30x100, exit 3, after {:?}",
+        lines[at],
         started.elapsed()
     );
 
