@@ -4,7 +4,7 @@
 //! unmounts and calls reboot(2) — which, from the init of a child PID namespace, only ends
 //! that namespace (the kernel reports it as death by SIGHUP), never the host.
 //!
-//! Needs root and util-linux `unshare`: `cargo test -p husk-agent -- --ignored`.
+//! Needs root and util-linux `unshare`; skips, saying which is missing, without them.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::{Command, Stdio};
@@ -14,8 +14,15 @@ use husk_protocol::agent::ServingStatus;
 use husk_protocol::client::{Target, connect_with_retry};
 
 #[tokio::test]
-#[ignore = "needs root and unshare(1); mounts inside a private mount namespace"]
 async fn pid1_mode_serves_then_reboots_its_namespace() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIPPED: needs root (PID and mount namespaces, mounts)");
+        return;
+    }
+    if Command::new("unshare").arg("--version").output().is_err() {
+        eprintln!("SKIPPED: util-linux unshare(1) not found");
+        return;
+    }
     // Not under /tmp or /run: the agent mounts fresh tmpfs there.
     let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
     let socket = dir.path().join("agent.sock");
