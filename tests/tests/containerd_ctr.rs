@@ -5,8 +5,10 @@
 //! - `ctr run --rm -t` on a terminal: the output comes back through the container's own
 //!   pty (`/dev/pts/0`) sized like ctr's terminal, the exit code is the container's, and the
 //!   container ran under the guest kernel (release ending in `-husk`, not the host's);
-//! - `ctr run -d`, `ctr task exec` (output and exit code), `ctr task kill`, `ctr task
-//!   delete`: afterwards no shim and no rootfs mount is left;
+//! - `ctr run -d`, `ctr task exec` (output and exit code), `ctr task ps` (guest pids),
+//!   `ctr task metrics` (the guest cgroup's pids and memory), `ctr task pause`/`resume`
+//!   (PAUSED, then RUNNING), `ctr task kill`, `ctr task delete`: afterwards no shim and no
+//!   rootfs mount is left;
 //! - SIGKILL of a running container's shim: containerd cleans up through the shim's
 //!   `delete` (task gone, run folder and mounts removed).
 //!
@@ -140,6 +142,12 @@ fn ctr_runs_containers_in_husk_vms() {
         )
     };
 
+    let check_true = |cond: bool, what: &str, detail: &str| {
+        if !cond {
+            fail(what, detail)
+        }
+    };
+
     let tarball = work.path().join("image.tar");
     build_oci_image(&busybox.root_dir(), IMAGE, work.path(), &tarball)
         .unwrap_or_else(|e| fail("building the OCI image", &format!("{e:#}")));
@@ -181,10 +189,10 @@ fn ctr_runs_containers_in_husk_vms() {
             ),
         );
     }
-    // A stray NUL may precede the first line on the terminal.
+    // The terminal may echo a NUL (as `^@`) before the first line.
     let lines: Vec<&str> = stdout
         .lines()
-        .map(|l| l.trim_matches(|c: char| c.is_whitespace() || c == '\0'))
+        .map(|l| l.trim().trim_start_matches("^@").trim_matches('\0'))
         .collect();
     let at = lines
         .iter()
@@ -257,6 +265,59 @@ fn ctr_runs_containers_in_husk_vms() {
             ),
         );
     }
+
+    // Pids, Stats, Pause/Resume of the running task.
+    let ctr_ok = |args: &[&str]| -> String {
+        let out = ctrd
+            .ctr(args)
+            .unwrap_or_else(|e| panic!("ctr {args:?}: {e:#}"));
+        if !out.status.success() {
+            fail(&format!("ctr {args:?}"), &text(&out.stderr));
+        }
+        text(&out.stdout)
+    };
+    let status_of_d1 = || -> String {
+        ctr_ok(&["task", "ls"])
+            .lines()
+            .find(|l| l.starts_with("d1 "))
+            .and_then(|l| l.split_whitespace().nth(2))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let ps = ctr_ok(&["task", "ps", "d1"]);
+    let pids: Vec<u32> = ps
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().next()?.parse().ok())
+        .collect();
+    check_true(
+        !pids.is_empty(),
+        "ctr task ps",
+        &format!("no guest pid listed: {ps:?}"),
+    );
+    let metrics = ctr_ok(&["task", "metrics", "--format", "json", "d1"]);
+    let metrics: serde_json::Value = serde_json::from_str(&metrics)
+        .unwrap_or_else(|e| panic!("ctr task metrics: {e}: {metrics:?}"));
+    let current = metrics.pointer("/pids/current").and_then(|v| v.as_u64());
+    let memory = metrics.pointer("/memory/usage").and_then(|v| v.as_u64());
+    check_true(
+        current.is_some_and(|c| c >= 1) && memory.is_some_and(|m| m > 0),
+        "ctr task metrics",
+        &format!("pids.current {current:?}, memory.usage {memory:?} in {metrics}"),
+    );
+    ctr_ok(&["task", "pause", "d1"]);
+    let paused = status_of_d1();
+    ctr_ok(&["task", "resume", "d1"]);
+    let resumed = status_of_d1();
+    check_true(
+        paused == "PAUSED" && resumed == "RUNNING",
+        "ctr task pause/resume",
+        &format!("status {paused:?} after pause, {resumed:?} after resume"),
+    );
+    eprintln!(
+        "ctr task ps: guest pids {pids:?}; metrics: {current:?} pids, {memory:?} bytes; \
+         pause/resume: {paused} -> {resumed}"
+    );
 
     let out = ctrd
         .ctr(&["task", "kill", "-s", "KILL", "d1"])
