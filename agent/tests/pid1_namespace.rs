@@ -23,8 +23,9 @@ async fn pid1_mode_serves_then_reboots_its_namespace() {
         eprintln!("SKIPPED: util-linux unshare(1) not found");
         return;
     }
-    // Not under /tmp or /run: the agent mounts fresh tmpfs there.
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).expect("tempdir");
+    // Not under /tmp or /run, where the agent mounts fresh tmpfs (the target folder may be
+    // there too: CI clones into /tmp).
+    let dir = tempfile::tempdir_in("/var/tmp").expect("temp dir in /var/tmp");
     let socket = dir.path().join("agent.sock");
     let log = dir.path().join("agent.log");
     let mut child = Command::new("unshare")
