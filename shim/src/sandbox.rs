@@ -20,6 +20,7 @@ use husk_runtime::sizing::VmSize;
 use husk_runtime::vm_config::{path_arg, vm_config};
 use tokio::sync::watch;
 
+use crate::network::dns::GuestDns;
 use crate::share::{SHARE_TAG, SharedDir};
 
 /// virtio-blk serial of a rootfs image.
@@ -50,18 +51,21 @@ pub struct Sandbox {
     target: Target,
     /// The rootfs image's description for the agent (block mode).
     block_rootfs: Option<Rootfs>,
+    /// The host resolv.conf whose settings the guest's `sandbox://resolv.conf` holds.
+    resolv_conf_source: Option<PathBuf>,
     stopped: watch::Receiver<Option<String>>,
 }
 
 impl Sandbox {
     /// Boots the VM (sockets in `run_dir`, `extra_args` are more husk-vmm device flags,
-    /// e.g. `--net`), waits for its agent and creates the sandbox.
+    /// e.g. `--net`), waits for its agent and creates the sandbox (with the pod's `dns`).
     pub async fn boot(
         config: &Config,
         size: VmSize,
         run_dir: &Path,
         share: RootfsShare<'_>,
         extra_args: Vec<String>,
+        dns: Option<GuestDns>,
     ) -> Result<Self> {
         let vm_socket = run_dir.join(VM_SOCKET);
         let _ = std::fs::remove_file(&vm_socket);
@@ -128,25 +132,36 @@ impl Sandbox {
         // virtualization, a loaded host: 30 s seen): the boot timeout bounds every call.
         // WaitProcess and GetOOMEvent have no deadline; DestroySandbox has its own.
         let client = client.with_rpc_timeout(boot_timeout);
+        let dns = dns.filter(|d| !d.dns.is_empty());
         let sandbox = Self {
             client,
             target,
             block_rootfs,
+            resolv_conf_source: dns.as_ref().map(|d| d.source.clone()),
             stopped,
         };
         let shared = match &share {
             RootfsShare::Virtiofs { shared } => Some(*shared),
             RootfsShare::Block { .. } => None,
         };
-        if let Err(e) = sandbox.create_sandbox(shared).await {
+        if let Err(e) = sandbox.create_sandbox(shared, dns).await {
             sandbox.shutdown().await;
             return Err(e);
         }
         Ok(sandbox)
     }
 
-    async fn create_sandbox(&self, shared: Option<&SharedDir>) -> Result<()> {
+    async fn create_sandbox(
+        &self,
+        shared: Option<&SharedDir>,
+        dns: Option<GuestDns>,
+    ) -> Result<()> {
         let mut req = CreateSandboxRequest::new();
+        if let Some(GuestDns { dns, .. }) = dns {
+            req.dns_servers = dns.servers;
+            req.dns_search = dns.search;
+            req.dns_options = dns.options;
+        }
         if shared.is_some() {
             let mut m = SandboxMount::new();
             m.name = SHARE_TAG.into();
@@ -170,6 +185,12 @@ impl Sandbox {
             s.set_guest_root(format!("{sandbox_dir}/mounts/{SHARE_TAG}"));
         }
         Ok(())
+    }
+
+    /// The host resolv.conf (CRI's pod file) whose settings the guest's
+    /// `sandbox://resolv.conf` holds, if the pod had any DNS settings.
+    pub fn resolv_conf_source(&self) -> Option<&Path> {
+        self.resolv_conf_source.as_deref()
     }
 
     /// The rootfs image as the agent sees it (block mode), for the VM's one container.

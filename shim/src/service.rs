@@ -49,8 +49,8 @@ use crate::cgroup::PodCgroup;
 use crate::container::{Container, Exit, Process, Status, UNKNOWN_EXIT_STATUS};
 use crate::error::{ShimError, ShimResult};
 use crate::events::Events;
-use crate::guest_mapping::PodMapping;
-use crate::network::PodNetwork;
+use crate::guest_mapping::{self, PodMapping};
+use crate::network::{PodNetwork, dns};
 use crate::pod::{self, Role};
 use crate::sandbox::{RootfsShare, Sandbox};
 use crate::share::{SHARE_TAG, SharedDir};
@@ -302,7 +302,13 @@ impl Inner {
                 id = %req.id, pod = is_pod, vcpus = size.vcpus, memory_mib = size.memory_mib,
                 rootfs_mode = ?mode, "booting the VM"
             );
-            let sandbox = Sandbox::boot(&config, size, &run_dir, share, extra_args).await?;
+            let dns = if is_pod {
+                dns::from_sandbox_spec(&b.raw)
+                    .map_err(|e| ShimError::FailedPrecondition(format!("pod DNS: {e:#}")))?
+            } else {
+                None
+            };
+            let sandbox = Sandbox::boot(&config, size, &run_dir, share, extra_args, dns).await?;
             if let Some(n) = &network
                 && let Err(e) = n.configure_guest(sandbox.client()).await
             {
@@ -392,9 +398,13 @@ impl Inner {
             vm.shared.as_ref(),
             host_pid(),
             vm.owner_guest_pid(),
+            vm.sandbox.resolv_conf_source(),
         );
-        let (guest_spec, warnings) = bundle::guest_spec_with(&b.raw, &mut mapping)
+        let (mut guest_spec, warnings) = bundle::guest_spec_with(&b.raw, &mut mapping)
             .map_err(|e| ShimError::InvalidArgument(format!("container {}: {e}", req.id)))?;
+        if guest_mapping::with_private_cgroup_namespace(&mut guest_spec) {
+            tracing::debug!(id = %req.id, "a private cgroup namespace (the guest is cgroup v2)");
+        }
         for w in warnings {
             tracing::warn!(id = %req.id, "{w}");
         }

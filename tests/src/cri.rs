@@ -366,6 +366,24 @@ impl Cri {
             .with_context(|| format!("ContainerStatus of {id} has no status"))
     }
 
+    /// `UpdateContainerResources` of container `id` to `resources`.
+    pub fn update_container_resources(
+        &self,
+        id: &str,
+        resources: cri::LinuxContainerResources,
+    ) -> Result<()> {
+        let mut c = self.runtime.clone();
+        let req = cri::UpdateContainerResourcesRequest {
+            container_id: id.to_owned(),
+            linux: Some(resources),
+            ..Default::default()
+        };
+        self.call("UpdateContainerResources", async move {
+            c.update_container_resources(req).await
+        })?;
+        Ok(())
+    }
+
     /// `ExecSync` of `cmd` in container `id`, bounded by `timeout_secs` on containerd's side.
     pub fn exec_sync(
         &self,
@@ -380,6 +398,17 @@ impl Cri {
             timeout: timeout_secs,
         };
         self.call("ExecSync", async move { c.exec_sync(req).await })
+    }
+}
+
+/// The DNS settings of `pod_config(name)`: a documentation-range nameserver (nothing
+/// answers there; the tests only read resolv.conf), a search domain naming the pod and an
+/// option.
+pub fn pod_dns(name: &str) -> cri::DnsConfig {
+    cri::DnsConfig {
+        servers: vec!["192.0.2.53".into()],
+        searches: vec![format!("{name}.husk.test")],
+        options: vec!["ndots:3".into()],
     }
 }
 
@@ -557,8 +586,8 @@ impl CriHarness {
     }
 
     /// A pod config: metadata, hostname, a log directory in the test dir, a cgroup parent
-    /// under the test's cgroup, and the default Linux security context (pod network, IPC
-    /// namespaces; a PID namespace per container).
+    /// under the test's cgroup, the default Linux security context (pod network, IPC
+    /// namespaces; a PID namespace per container) and DNS settings (`pod_dns(name)`).
     pub fn pod_config(&self, name: &str) -> Result<cri::PodSandboxConfig> {
         let log_dir = self.work.path().join("pod-logs").join(name);
         std::fs::create_dir_all(&log_dir)
@@ -572,6 +601,7 @@ impl CriHarness {
             }),
             hostname: name.to_owned(),
             log_directory: log_dir.display().to_string(),
+            dns_config: Some(pod_dns(name)),
             linux: Some(cri::LinuxPodSandboxConfig {
                 cgroup_parent: format!("/{}/{name}", self.cgroup_root),
                 security_context: Some(cri::LinuxSandboxSecurityContext {

@@ -3,6 +3,7 @@
 //! the benchmarks in `tests/benches/` and the `husk-demo` binary.
 
 pub mod containerd;
+pub mod containerd_events;
 pub mod cri;
 pub mod guest_image;
 pub mod host;

@@ -11,8 +11,18 @@ pub const HOST_BUSYBOX: &str = "/bin/busybox";
 /// Busybox applets linked into the image's /bin.
 pub const APPLETS: &[&str] = &[
     "sh", "cat", "echo", "ls", "sleep", "readlink", "seq", "uname", "true", "false", "id",
-    "hostname", "head", "grep", "wc", "ps", "touch",
+    "hostname", "head", "grep", "wc", "ps", "touch", "tail", "chmod",
 ];
+
+/// A shell command that outgrows any memory limit: `tail` keeps all of /dev/zero (it
+/// never sees a newline) until the OOM killer ends it. It runs from a copy of busybox on
+/// the container's /dev tmpfs: run from the rootfs (disk or virtio-fs), its code pages are
+/// reclaimable page cache, and memcg reclaim evicting and refaulting them counts as
+/// progress, which put the OOM kill minutes late on a slow guest kernel (seen: 2.5 min at
+/// 16 MiB on nested PVM). Without swap, tmpfs pages cannot be reclaimed, so the kill comes
+/// as soon as the limit is reached.
+pub const HOG: &str = "cat /bin/busybox > /dev/busybox && chmod 755 /dev/busybox && \
+     exec /dev/busybox tail /dev/zero";
 
 /// Image size: busybox is ~2 MB; the rest is room for ext4's metadata.
 const IMAGE_MIB: u64 = 8;

@@ -9,6 +9,10 @@
 //!   host's) under the guest kernel (`-husk`, not the host's release); ExecSync returns
 //!   stdout, stderr and the exit code; a container's output lands in its CRI log file
 //!   (`<time> stdout F <line>`); the pod's IP (PodSandboxStatus) is configured in the guest;
+//!   the pod's DNS config is the containers' resolv.conf (in a VM: the guest's copy the
+//!   agent wrote, not a virtio-fs file); UpdateContainerResources changes a running
+//!   container's memory limit in its cgroup, which the container sees at /sys/fs/cgroup
+//!   (a private cgroup namespace in the cgroup v2 guest);
 //! - pod 2 reaches pod 1's IP over TCP (busybox nc);
 //! - SIGKILL of pod 2's shim: containerd reports its container EXITED, and
 //!   StopPodSandbox/RemovePodSandbox clean up;
@@ -27,18 +31,20 @@ use std::time::{Duration, Instant};
 
 use husk_tests::cri::{
     BUSYBOX_IMAGE, CriHarness, HUSK_HANDLER, HUSK_SHIM, PAUSE_IMAGE, Pod, RUNC_HANDLER, RUNC_SHIM,
-    cri_missing_reason, file_tail, parse_cri_log, tap_devices,
+    cri_missing_reason, file_tail, parse_cri_log, pod_dns, tap_devices,
 };
 use husk_tests::host::skip_without_kvm;
 use husk_tests::husk_cli::Husk;
 use husk_tests::podman::find_virtiofsd;
 use husk_tests::{BusyboxImage, GuestImage, workspace};
-use k8s_cri::v1::{ContainerState, ExecSyncResponse};
+use k8s_cri::v1::{ContainerState, ExecSyncResponse, LinuxContainerResources};
 
 const NAME: &str = "cri_pods_run_in_husk_vms";
 /// The TCP port pod 1's server container listens on.
 const PORT: &str = "7777";
 const GREETING: &str = "husk-pod1-hello";
+/// The sleeper's memory limit after UpdateContainerResources.
+const UPDATED_MEMORY_LIMIT: i64 = 96 << 20;
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -323,6 +329,78 @@ fn cri_pods_run_in_husk_vms() {
         format!("{ip1} is not a local address in /proc/net/fib_trie:\n{fib}"),
     );
     steps.done(&format!("pod 1's IP {ip1} configured inside"));
+
+    // UpdateContainerResources on the running sleeper, then one ExecSync reads back the
+    // memory limit (cgroup v2 in the guest; v1 for runc on a v1 host), the pod's DNS
+    // settings and where /etc/resolv.conf comes from.
+    ok(
+        h.cri().update_container_resources(
+            &sleeper,
+            LinuxContainerResources {
+                memory_limit_in_bytes: UPDATED_MEMORY_LIMIT,
+                cpu_shares: 2,
+                ..Default::default()
+            },
+        ),
+        "UpdateContainerResources of the sleeper",
+    );
+    steps.done("UpdateContainerResources");
+    let probe = exec_out(
+        &sleeper,
+        &[
+            "sh",
+            "-c",
+            "cat /sys/fs/cgroup/memory.max 2>/dev/null || \
+             cat /sys/fs/cgroup/memory/memory.limit_in_bytes; \
+             echo ---; cat /etc/resolv.conf; echo ---; \
+             grep ' /etc/resolv.conf ' /proc/self/mountinfo; echo ---; \
+             cat /proc/self/cgroup",
+        ],
+    );
+    let parts: Vec<&str> = probe.split("---\n").collect();
+    let [limit, resolv, mount, cgroup] = parts[..] else {
+        fail(
+            "the sleeper's probe",
+            &format!("unexpected output {probe:?}"),
+        );
+    };
+    check(
+        limit.trim() == UPDATED_MEMORY_LIMIT.to_string(),
+        "the memory limit after UpdateContainerResources",
+        format!("{limit:?}, expected {UPDATED_MEMORY_LIMIT}"),
+    );
+    let dns = pod_dns("pod1");
+    let words: Vec<Vec<&str>> = resolv
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    let has = |key: &str, values: &[String]| {
+        words.iter().any(|w| {
+            w.first() == Some(&key)
+                && w[1..] == values.iter().map(String::as_str).collect::<Vec<_>>()[..]
+        })
+    };
+    check(
+        has("nameserver", &dns.servers)
+            && has("search", &dns.searches)
+            && has("options", &dns.options),
+        "the pod's DNS config in the container's resolv.conf",
+        format!("{resolv:?}, expected {dns:?}"),
+    );
+    if vm {
+        // The guest is cgroup v2: a private cgroup namespace whatever the host's mode.
+        check(
+            cgroup.trim() == "0::/",
+            "the container's cgroup namespace in the VM",
+            format!("/proc/self/cgroup is {cgroup:?}, expected 0::/ (a private namespace)"),
+        );
+        check(
+            !mount.contains("virtiofs"),
+            "the container's resolv.conf in the VM",
+            format!("a virtio-fs file, not the guest's copy of the pod's DNS: {mount:?}"),
+        );
+    }
+    steps.done("memory limit, resolv.conf read back");
 
     // Pod 2 reaches pod 1 over TCP.
     let pod2 = h

@@ -5,12 +5,15 @@
 //! - `ctr run --rm -t` on a terminal: the output comes back through the container's own
 //!   pty (`/dev/pts/0`) sized like ctr's terminal, the exit code is the container's, and the
 //!   container ran under the guest kernel (release ending in `-husk`, not the host's);
-//! - `ctr run -d`, `ctr task exec` (output and exit code), `ctr task ps` (guest pids),
-//!   `ctr task metrics` (the guest cgroup's pids and memory), `ctr task pause`/`resume`
-//!   (PAUSED, then RUNNING), `ctr task kill`, `ctr task delete`: afterwards no shim and no
-//!   rootfs mount is left;
-//! - SIGKILL of a running container's shim: containerd cleans up through the shim's
-//!   `delete` (task gone, run folder and mounts removed).
+//! - `ctr run -d` with a memory limit, `ctr task exec` (output and exit code), an exec
+//!   that outgrows the limit (OOM-killed: 137 and a TaskOOM event), `ctr task ps` (guest
+//!   pids), `ctr task metrics` (the guest cgroup's pids and memory), `ctr task
+//!   pause`/`resume` (PAUSED, then RUNNING), `ctr task kill`, `ctr task delete`: afterwards
+//!   no shim and no rootfs mount is left;
+//! - the task events containerd received (`ctr events`), in the order it requires: create,
+//!   start, exec-added/exec-started/exit of each exec, oom, paused, resumed, exit, delete;
+//! - SIGKILL of a running container's shim: containerd reports the task's exit and cleans
+//!   up through the shim's `delete` (task gone, run folder and mounts removed).
 //!
 //! Three VMs boot, one after the other. Skips without /dev/kvm, root, containerd or the
 //! guest image. The rootfs goes over virtio-fs when virtiofsd is installed, else as a block
@@ -22,6 +25,7 @@ use std::time::{Duration, Instant};
 use husk_tests::containerd::{
     Containerd, build_oci_image, containerd_missing_reason, find_on_path,
 };
+use husk_tests::containerd_events::EventLog;
 use husk_tests::host::skip_without_kvm;
 use husk_tests::{BusyboxImage, GuestImage, workspace};
 
@@ -30,6 +34,8 @@ const RUNTIME: &str = "io.containerd.husk.v2";
 const SHIM: &str = "containerd-shim-husk-v2";
 /// A VM boots in 15-60 s on the loaded nested-PVM host; a `ctr run` is boot plus a little.
 const RUN_TIMEOUT: Duration = Duration::from_secs(600);
+/// d1's memory limit: room for its shell and `sleep`, not for `tail /dev/zero`.
+const D1_MEMORY_LIMIT: &str = "16777216";
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -130,6 +136,7 @@ fn ctr_runs_containers_in_husk_vms() {
     let shim_dir: PathBuf = shim.parent().expect("shim folder").to_path_buf();
     let ctrd = Containerd::start(&[&shim_dir], &[("HUSK_CONFIG", &config_path)])
         .expect("starting containerd");
+    let events = EventLog::start(&ctrd).expect("ctr events");
     let console = work.path().join("console.log");
     let fail = |what: &str, detail: &str| -> ! {
         let console = std::fs::read_to_string(&console).unwrap_or_default();
@@ -228,6 +235,8 @@ fn ctr_runs_containers_in_husk_vms() {
                 "-d",
                 "--runtime",
                 RUNTIME,
+                "--memory-limit",
+                D1_MEMORY_LIMIT,
                 IMAGE,
                 "d1",
                 "sh",
@@ -263,6 +272,43 @@ fn ctr_runs_containers_in_husk_vms() {
                 text(&out.stdout),
                 text(&out.stderr)
             ),
+        );
+    }
+
+    // An exec that outgrows the container's memory limit: `tail` buffers /dev/zero until
+    // the guest kernel's OOM killer ends it (137), and the shim publishes TaskOOM.
+    let out = ctrd
+        .ctr_timeout(
+            RUN_TIMEOUT,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                "e2",
+                "d1",
+                "sh",
+                "-c",
+                husk_tests::rootfs::HOG,
+            ],
+        )
+        .expect("ctr task exec of the memory hog");
+    if out.status.code() != Some(137) {
+        fail(
+            "ctr task exec over the memory limit",
+            &format!(
+                "{} (expected 137); stderr {:?}",
+                out.status,
+                text(&out.stderr)
+            ),
+        );
+    }
+    let oom = events.wait_for(Duration::from_secs(60), |e| {
+        e.topic == "/tasks/oom" && e.container() == Some("d1")
+    });
+    if !oom {
+        fail(
+            "TaskOOM",
+            &format!("no /tasks/oom event for d1 within 60 s:\n{}", events.text()),
         );
     }
 
@@ -364,6 +410,61 @@ fn ctr_runs_containers_in_husk_vms() {
     if !out.status.success() {
         fail("ctr containers delete", &text(&out.stderr));
     }
+    // The task events of d1, in order. TaskOOM comes from the agent's memory.events
+    // watch, independently of the exit: it only has to fall within e2's life.
+    let labels = events.task_labels("d1");
+    let oom_at = labels.iter().position(|l| l == "/tasks/oom");
+    let without_oom: Vec<&str> = labels
+        .iter()
+        .map(String::as_str)
+        .filter(|l| *l != "/tasks/oom")
+        .collect();
+    let expected = [
+        "/tasks/create",
+        "/tasks/start",
+        "/tasks/exec-added e1",
+        "/tasks/exec-started e1",
+        "/tasks/exit e1",
+        "/tasks/exec-added e2",
+        "/tasks/exec-started e2",
+        "/tasks/exit e2",
+        "/tasks/paused",
+        "/tasks/resumed",
+        "/tasks/exit d1",
+        "/tasks/delete",
+    ];
+    let e2_started = labels.iter().position(|l| l == "/tasks/exec-started e2");
+    let paused = labels.iter().position(|l| l == "/tasks/paused");
+    check_true(
+        without_oom == expected
+            && labels.iter().filter(|l| *l == "/tasks/oom").count() == 1
+            && oom_at > e2_started
+            && oom_at < paused,
+        "task events of d1",
+        &format!("got {labels:?}, expected {expected:?} with one /tasks/oom during e2"),
+    );
+    let exit_statuses: Vec<(String, u64)> = events
+        .events()
+        .iter()
+        .filter(|e| e.topic == "/tasks/exit" && e.container() == Some("d1"))
+        .map(|e| {
+            (
+                e.body["id"].as_str().unwrap_or_default().to_owned(),
+                e.body["exit_status"].as_u64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    check_true(
+        exit_statuses
+            == [
+                ("e1".to_owned(), 5),
+                ("e2".to_owned(), 137),
+                ("d1".to_owned(), 137),
+            ],
+        "exit statuses in the TaskExit events of d1",
+        &format!("{exit_statuses:?}"),
+    );
+    eprintln!("task events of d1: {labels:?}");
 
     // 3. The shim of a running container is killed: containerd runs the shim's `delete`,
     // which cleans up; the VM died with the shim.
@@ -410,6 +511,16 @@ fn ctr_runs_containers_in_husk_vms() {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
+    // containerd reports the exit of the dead shim's task itself.
+    let k1_exit = events.wait_for(Duration::from_secs(30), |e| {
+        e.topic == "/tasks/exit" && e.container() == Some("k1")
+    });
+    check_true(
+        k1_exit,
+        "TaskExit of k1 after its shim was killed",
+        &format!("no /tasks/exit for k1:\n{}", events.text()),
+    );
+    eprintln!("task events of k1: {:?}", events.task_labels("k1"));
     // containerd runs the shim's `delete` for the dead shim; the task can leave the list
     // before that cleanup has finished.
     let run_dir = Path::new("/run/husk-shim").join(shim_pid.to_string());

@@ -1,5 +1,5 @@
 //! Containers inside a real husk micro-VM: busybox on a read-only virtio-blk ext4 image,
-//! stdio over hybrid vsock, cgroup v2 limits, freezing and shared namespaces.
+//! stdio over hybrid vsock, cgroup v2 limits, freezing, OOM events and shared namespaces.
 //!
 //! One VM serves every assertion: a boot costs ~15-20 s on nested-PVM hosts, and each
 //! busybox fork in the guest ~0.5 s, so the scripts below fork as little as they can.
@@ -339,7 +339,50 @@ fn containers_run_in_a_real_vm_with_cgroups_stdio_and_shared_namespaces() {
             .unwrap_or_else(|e| fail("RemoveContainer limits", &e));
         eprintln!("limits done after {:?}", started.elapsed());
 
-        // 4. Power-off.
+        // 4. An OOM kill. `tail` buffers /dev/zero (no newline ever comes) until the
+        // kernel's OOM killer ends it at memory.max; GetOOMEvent, already waiting, names
+        // the container, and WaitProcess reports SIGKILL. See `husk_tests::rootfs::HOG`
+        // for why busybox runs from a tmpfs copy.
+        let oom_client = client.clone();
+        let oom_event = tokio::spawn(async move { oom_client.get_oom_event().await });
+        let mut hog = spec(&["sh", "-c", husk_tests::rootfs::HOG]);
+        hog["linux"]["resources"] = json!({"memory": {"limit": 16 * MIB}});
+        client
+            .create_container(&create_request("hog", &hog, streams("", "", "")))
+            .await
+            .unwrap_or_else(|e| fail("CreateContainer hog", &e));
+        client
+            .start_container("hog")
+            .await
+            .unwrap_or_else(|e| fail("StartContainer hog", &e));
+        let exit = wait(&client, "hog", "").await;
+        assert_eq!(
+            (exit.exit_code, exit.signal),
+            (0, libc::SIGKILL as u32),
+            "tail over memory.max: {exit:?}"
+        );
+        let named = tokio::time::timeout(STEP, oom_event)
+            .await
+            .unwrap_or_else(|_| panic!("no OOM event within {STEP:?}{}", vm.diagnostics()))
+            .expect("the GetOOMEvent task")
+            .unwrap_or_else(|e| fail("GetOOMEvent", &e));
+        assert_eq!(named, "hog", "the OOM event's container");
+        let stats = client
+            .stats_container("hog")
+            .await
+            .unwrap_or_else(|e| fail("StatsContainer hog", &e));
+        let memory = stats.memory.as_ref().expect("memory stats");
+        assert!(
+            memory.oom_kill_events >= 1,
+            "memory.events after the kill: {stats:?}"
+        );
+        client
+            .remove_container("hog")
+            .await
+            .unwrap_or_else(|e| fail("RemoveContainer hog", &e));
+        eprintln!("OOM done after {:?}", started.elapsed());
+
+        // 5. Power-off.
         client
             .destroy_sandbox()
             .await

@@ -153,6 +153,14 @@ impl Sandbox {
                 let _ = writeln!(text, "options {}", req.dns_options.join(" "));
             }
             write("resolv.conf", &text)?;
+            // The guest's own resolver (tools run in the agent's namespaces) uses the pod's
+            // DNS too; containers bind the sandbox copy.
+            if mode == Mode::Guest
+                && let Err(e) = std::fs::create_dir_all("/etc")
+                    .and_then(|()| std::fs::write("/etc/resolv.conf", &text))
+            {
+                tracing::warn!("writing the guest's /etc/resolv.conf: {e}");
+            }
         }
         for (k, path, v) in &sysctls {
             std::fs::write(path, v).map_err(|e| Failure::os(format!("sysctl {k}"), &e))?;

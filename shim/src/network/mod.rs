@@ -9,11 +9,13 @@
 //! - `rtnl`: a synchronous rtnetlink socket (netlink-packet-route messages);
 //! - `inspect`: reading the namespace and making the guest's configuration;
 //! - `tap`: the persistent tap; `mirror`: the tc qdiscs and redirect filters;
+//! - `dns`: the pod's resolv.conf for the guest;
 //! - here: [`PodNetwork`], what the shim's service calls.
 //!
 //! netlink rather than `ip`/`tc`: no dependency on the node's iproute2 version or its
 //! output format, errors come back as errnos, and each step is one round trip.
 
+pub mod dns;
 mod inspect;
 mod mirror;
 mod netns;
