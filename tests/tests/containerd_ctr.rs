@@ -248,21 +248,24 @@ fn ctr_runs_containers_in_husk_vms() {
     if !out.status.success() {
         fail("ctr run -d", &text(&out.stderr));
     }
-    let out = ctrd
-        .ctr_timeout(
+    // `ctr task exec --exec-id <id> d1 sh -c <script>`.
+    let exec_in_d1 = |exec_id: &str, script: &str| {
+        ctrd.ctr_timeout(
             RUN_TIMEOUT,
             &[
                 "task",
                 "exec",
                 "--exec-id",
-                "e1",
+                exec_id,
                 "d1",
                 "sh",
                 "-c",
-                "echo exec-ok; exit 5",
+                script,
             ],
         )
-        .expect("ctr task exec");
+        .unwrap_or_else(|e| panic!("ctr task exec {exec_id}: {e:#}"))
+    };
+    let out = exec_in_d1("e1", "echo exec-ok; exit 5");
     if out.status.code() != Some(5) || text(&out.stdout).trim() != "exec-ok" {
         fail(
             "ctr task exec",
@@ -277,21 +280,7 @@ fn ctr_runs_containers_in_husk_vms() {
 
     // An exec that outgrows the container's memory limit: `tail` buffers /dev/zero until
     // the guest kernel's OOM killer ends it (137), and the shim publishes TaskOOM.
-    let out = ctrd
-        .ctr_timeout(
-            RUN_TIMEOUT,
-            &[
-                "task",
-                "exec",
-                "--exec-id",
-                "e2",
-                "d1",
-                "sh",
-                "-c",
-                husk_tests::rootfs::HOG,
-            ],
-        )
-        .expect("ctr task exec of the memory hog");
+    let out = exec_in_d1("e2", husk_tests::rootfs::HOG);
     if out.status.code() != Some(137) {
         fail(
             "ctr task exec over the memory limit",
