@@ -112,7 +112,6 @@ impl HostMapping for PodMapping<'_> {
         if destination == "/dev/shm" && !matches!(self.role, Role::Standalone) {
             return Ok(Some(format!("sandbox://mounts/{SHM_MOUNT}")));
         }
-
         let read_only = options.iter().any(|o| o == "ro");
         let n = self.next_bind;
         self.next_bind += 1;

@@ -132,7 +132,6 @@ impl Sandbox {
         // virtualization, a loaded host: 30 s seen): the boot timeout bounds every call.
         // WaitProcess and GetOOMEvent have no deadline; DestroySandbox has its own.
         let client = client.with_rpc_timeout(boot_timeout);
-        let dns = dns.filter(|d| !d.dns.is_empty());
         let sandbox = Self {
             client,
             target,

@@ -60,8 +60,9 @@ pub struct GuestDns {
     pub dns: PodDns,
 }
 
-/// The DNS settings of a sandbox spec: the file bound at /etc/resolv.conf, if any.
-/// Unreadable is an error (the pod's DNS would silently be missing in the guest).
+/// The DNS settings of a sandbox spec: the file bound at /etc/resolv.conf, if any and if
+/// it has any settings (else containers keep binding the file itself). Unreadable is an
+/// error (the pod's DNS would silently be missing in the guest).
 pub fn from_sandbox_spec(spec: &Value) -> anyhow::Result<Option<GuestDns>> {
     let source = spec
         .get("mounts")
@@ -76,9 +77,10 @@ pub fn from_sandbox_spec(spec: &Value) -> anyhow::Result<Option<GuestDns>> {
     };
     let text = std::fs::read_to_string(Path::new(source))
         .map_err(|e| anyhow::anyhow!("reading the pod's resolv.conf {source}: {e}"))?;
-    Ok(Some(GuestDns {
+    let dns = parse(&text);
+    Ok((!dns.is_empty()).then(|| GuestDns {
         source: PathBuf::from(source),
-        dns: parse(&text),
+        dns,
     }))
 }
 
@@ -126,6 +128,8 @@ mod tests {
         assert_eq!(dns.search, ["pod.local"]);
 
         assert_eq!(from_sandbox_spec(&json!({"mounts": []})).unwrap(), None);
+        std::fs::write(&file, "# no settings\n").unwrap();
+        assert_eq!(from_sandbox_spec(&spec).unwrap(), None);
         let missing = json!({"mounts": [
             {"destination": "/etc/resolv.conf", "source": dir.path().join("gone")},
         ]});
