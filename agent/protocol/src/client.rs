@@ -169,13 +169,26 @@ pub enum ClientError {
         attempts: u32,
         last: Box<ClientError>,
     },
-    #[error("{method} on agent {target}: {source}")]
+    /// A failed RPC. Shown as the agent's own "<what>: <why>" when the agent answered (its
+    /// status is not chained as a source as well: callers print chains, and it would show
+    /// twice), otherwise with the method and target.
+    #[error("{}", describe_rpc_failure(method, target, error))]
     Rpc {
         method: &'static str,
         target: String,
-        #[source]
-        source: ttrpc::Error,
+        error: ttrpc::Error,
     },
+}
+
+fn describe_rpc_failure(method: &str, target: &str, error: &ttrpc::Error) -> String {
+    match error {
+        ttrpc::Error::RpcStatus(status) if !status.message.is_empty() => status.message.clone(),
+        ttrpc::Error::RpcStatus(status) => {
+            let code = status.code.enum_value_or_default();
+            format!("{method} on agent {target} failed with status {code:?}")
+        }
+        other => format!("{method} on agent {target}: {other}"),
+    }
 }
 
 impl ClientError {
@@ -183,7 +196,7 @@ impl ClientError {
     pub fn rpc_code(&self) -> Option<ttrpc::Code> {
         match self {
             ClientError::Rpc {
-                source: ttrpc::Error::RpcStatus(status),
+                error: ttrpc::Error::RpcStatus(status),
                 ..
             } => status.code.enum_value().ok(),
             _ => None,
@@ -194,7 +207,7 @@ impl ClientError {
     pub fn rpc_message(&self) -> Option<&str> {
         match self {
             ClientError::Rpc {
-                source: ttrpc::Error::RpcStatus(status),
+                error: ttrpc::Error::RpcStatus(status),
                 ..
             } => Some(status.message.as_str()),
             _ => None,
@@ -387,10 +400,10 @@ impl AgentClient {
     }
 
     fn rpc_error(&self, method: &'static str) -> impl FnOnce(ttrpc::Error) -> ClientError + '_ {
-        move |source| ClientError::Rpc {
+        move |error| ClientError::Rpc {
             method,
             target: self.target.to_string(),
-            source,
+            error,
         }
     }
 
@@ -632,6 +645,35 @@ mod tests {
     use std::io::{BufRead, BufReader, Write};
     use std::os::unix::net::UnixListener;
     use std::thread::JoinHandle;
+
+    #[test]
+    fn a_failed_rpc_shows_the_agent_message_once() {
+        let status = ttrpc::get_status(
+            ttrpc::Code::INTERNAL,
+            "exec e1 in c1: executable \"/nope\" not found in the container (PATH /bin)",
+        );
+        let e = ClientError::Rpc {
+            method: "ExecProcess",
+            target: "hvsock:///run/x/vm.sock:1024".into(),
+            error: ttrpc::Error::RpcStatus(status),
+        };
+        let shown = format!("{:#}", anyhow::Error::new(e).context("exec in c1"));
+        assert_eq!(
+            shown,
+            "exec in c1: exec e1 in c1: executable \"/nope\" not found in the container (PATH /bin)"
+        );
+        // Without an agent answer, the method and the target say what failed.
+        let e = ClientError::Rpc {
+            method: "StartContainer",
+            target: "hvsock:///run/x/vm.sock:1024".into(),
+            error: ttrpc::Error::Others("connection reset".into()),
+        };
+        let shown = e.to_string();
+        assert!(
+            shown.starts_with("StartContainer on agent hvsock:///run/x/vm.sock:1024: "),
+            "{shown}"
+        );
+    }
 
     /// A fake VMM socket: for each entry of `replies`, accept one connection, check the
     /// CONNECT line, write the reply and close (a `None` reply closes without writing).

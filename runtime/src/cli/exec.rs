@@ -322,7 +322,7 @@ impl ExecSession {
         req.stdio = Some(ids.clone()).into();
         req.terminal = terminal;
         rt.block_on(client.exec_process(&req))
-            .context("starting the process in the container")?;
+            .with_context(|| format!("exec in {}", st.id))?;
         let host = if terminal {
             match console_socket {
                 Some(sock) => {

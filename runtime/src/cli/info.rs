@@ -28,7 +28,7 @@ pub fn ps(g: &GlobalOpts, id: &str, format: &str, ps_args: &[String]) -> Result<
         client
             .list_processes(&st.agent_id)
             .await
-            .context("listing processes")
+            .with_context(|| format!("listing the processes of {id}"))
     })??;
     match format {
         "json" => println!("{}", serde_json::to_string(&pids)?),
@@ -98,12 +98,12 @@ fn pause_resume(g: &GlobalOpts, id: &str, pause: bool) -> Result<()> {
             client
                 .pause_container(&st.agent_id)
                 .await
-                .context("pausing")
+                .with_context(|| format!("pausing {id}"))
         } else {
             client
                 .resume_container(&st.agent_id)
                 .await
-                .context("resuming")
+                .with_context(|| format!("resuming {id}"))
         }
     })??;
     drop(lock);
@@ -217,7 +217,7 @@ pub fn events(g: &GlobalOpts, id: &str, once: bool, interval: &str) -> Result<()
             let s = client
                 .stats_container(&st.agent_id)
                 .await
-                .context("stats")?;
+                .with_context(|| format!("stats of {id}"))?;
             println!("{}", stats_event(&s));
             return anyhow::Ok(());
         }
@@ -380,7 +380,7 @@ pub fn update(g: &GlobalOpts, a: UpdateArgs) -> Result<()> {
         client
             .update_container(&st.agent_id, resources.to_string().into_bytes())
             .await
-            .context("updating resources")
+            .with_context(|| format!("updating the resources of {}", a.id))
     })??;
     for s in resp.skipped {
         tracing::warn!("not applied: {s}");
