@@ -7,9 +7,9 @@
 //! rather than writing into a removed directory.
 
 use std::collections::BTreeMap;
-use std::fs::File;
+use std::fs::{DirBuilder, File};
 use std::io::{self, Write};
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -117,6 +117,10 @@ pub struct ContainerState {
     /// The init's pid inside the guest.
     pub guest_pid: Option<u32>,
     pub exit: Option<ExitRecord>,
+    /// The host cgroup folders the monitor joined (`linux.cgroupsPath`), one per
+    /// hierarchy, for `delete` to remove after a crash.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub host_cgroup: Vec<PathBuf>,
 }
 
 /// State store errors.
@@ -203,8 +207,14 @@ impl StateStore {
     /// Makes the directory of a new container and locks it. Fails if the id is taken.
     pub fn create(&self, id: &str) -> Result<ContainerLock, StateError> {
         let dir = self.dir(id)?;
-        std::fs::create_dir_all(&self.root).map_err(io_err("creating state root", &self.root))?;
-        match std::fs::create_dir(&dir) {
+        // Owner-only, whatever the caller's umask: the folder holds the agent's socket (the
+        // whole guest API) and the container's spec.
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&self.root)
+            .map_err(io_err("creating state root", &self.root))?;
+        match DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
                 return Err(StateError::Exists(id.to_owned()));
@@ -290,7 +300,13 @@ impl StateStore {
             path: path.clone(),
             source,
         })?;
-        let mut f = File::create(&tmp).map_err(io_err("writing", &tmp))?;
+        let mut f = File::options()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)
+            .map_err(io_err("writing", &tmp))?;
         f.write_all(&json).map_err(io_err("writing", &tmp))?;
         f.sync_data().map_err(io_err("syncing", &tmp))?;
         std::fs::rename(&tmp, &path).map_err(io_err("renaming", &tmp))?;
@@ -377,6 +393,7 @@ mod tests {
             terminal: false,
             guest_pid: Some(7),
             exit: None,
+            host_cgroup: Vec::new(),
         }
     }
 
@@ -401,6 +418,22 @@ mod tests {
             Err(StateError::NotFound(_))
         ));
         assert!(store.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn state_is_owner_only_under_any_umask() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = StateStore::new(tmp.path().join("root"));
+        let old = nix::sys::stat::umask(nix::sys::stat::Mode::empty());
+        let made = store
+            .create("c1")
+            .and_then(|lock| store.save(&lock, &sample("c1")));
+        nix::sys::stat::umask(old);
+        made.unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&tmp.path().join("root")), 0o700);
+        assert_eq!(mode(&store.dir("c1").unwrap()), 0o700);
+        assert_eq!(mode(&store.dir("c1").unwrap().join(STATE_FILE)), 0o600);
     }
 
     #[test]
