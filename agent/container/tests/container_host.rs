@@ -825,3 +825,116 @@ fn setup_failures_in_the_child_leave_nothing() {
     assert!(err.contains("invalid container id"), "{err}");
     let _ = Errno::ENOENT;
 }
+
+// ---------- signals and rlimits as runc gives them ----------
+
+/// `Sig<field>:` of /proc/<pid>/status as a mask.
+fn sig_mask(pid: Pid, field: &str) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix(&format!("{field}:\t")))
+        .unwrap_or_else(|| panic!("no {field} in {status}"));
+    u64::from_str_radix(line.trim(), 16).unwrap()
+}
+
+/// The trap of a PID-namespace init runs for TERM, USR1 and USR2 sent to the init alone
+/// (`kill ID SIG`, not --all), while the shell waits for a background child; the init
+/// then exits. Nothing is blocked or ignored in the container process.
+#[test]
+fn trapped_signals_run_the_trap_and_end_the_init() {
+    let _g = EXCLUSIVE.read().unwrap();
+    for (sig, name) in [
+        (Signal::SIGTERM, "TERM"),
+        (Signal::SIGUSR1, "USR1"),
+        (Signal::SIGUSR2, "USR2"),
+    ] {
+        let rootfs = Rootfs::new();
+        let script = format!("trap 'touch /{name}' {name}; echo ready; sleep 10 & wait $!");
+        let mut r = create(&rootfs, "traps", &base_spec(&script)).unwrap();
+        let pid = r.container.pid();
+        // The held init (still our code): no mask, no ignored signal inherited.
+        assert_eq!(
+            sig_mask(pid, "SigBlk"),
+            0,
+            "{name}: held init blocks signals"
+        );
+        assert_eq!(
+            sig_mask(pid, "SigIgn") & 0xffff,
+            0,
+            "{name}: held init ignores signals"
+        );
+        r.container.start().unwrap();
+        let mut buf = [0u8; 6];
+        r.output.read_exact(&mut buf).unwrap();
+        let bit = 1u64 << (sig as i32 - 1);
+        // busybox sh has installed its trap: the signal is caught, neither blocked nor
+        // ignored.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while sig_mask(pid, "SigCgt") & bit == 0 {
+            assert!(Instant::now() < deadline, "{name}: trap never installed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(sig_mask(pid, "SigBlk") & bit, 0, "{name} blocked");
+        assert_eq!(sig_mask(pid, "SigIgn") & bit, 0, "{name} ignored");
+        let sent = Instant::now();
+        r.container.signal(sig, false).unwrap();
+        let status = wait_status(&r.exit);
+        // Well before the background sleep would have ended the script by itself.
+        assert!(
+            sent.elapsed() < Duration::from_secs(8),
+            "{name}: init exited only after {:?}: {status:?}",
+            sent.elapsed()
+        );
+        assert!(
+            matches!(status, WaitStatus::Exited(p, _) if p == pid),
+            "{name}: {status:?}"
+        );
+        assert!(
+            rootfs.root().join(name).exists(),
+            "{name}: trap did not run"
+        );
+        assert_eq!(r.container.status(), Status::Stopped, "{name}");
+        r.container.delete().unwrap();
+    }
+}
+
+/// Soft and hard limits are each the spec's, raising or lowering the inherited ones.
+#[test]
+fn rlimits_set_soft_and_hard_exactly() {
+    let _g = EXCLUSIVE.read().unwrap();
+    let mut spec = base_spec("ulimit -n; ulimit -Hn; cat /proc/self/limits");
+    spec["process"]["rlimits"] = json!([
+        {"type": "RLIMIT_NOFILE", "soft": 3000, "hard": 4000},
+        {"type": "RLIMIT_CORE", "soft": 1024, "hard": 4096},
+        {"type": "RLIMIT_NPROC", "soft": 500, "hard": 600},
+        {"type": "RLIMIT_STACK", "soft": 4194304, "hard": 8388608},
+        {"type": "RLIMIT_MEMLOCK", "soft": 65536, "hard": 131072},
+        {"type": "RLIMIT_MSGQUEUE", "soft": 8192, "hard": 16384},
+    ]);
+    let (status, out) = run(&spec);
+    assert!(
+        matches!(status, WaitStatus::Exited(_, 0)),
+        "{status:?} {out}"
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(&lines[..2], ["3000", "4000"], "{out}");
+    let limit = |name: &str| -> (String, String) {
+        let line = lines
+            .iter()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name}: {out}"));
+        let f: Vec<&str> = line[name.len()..].split_whitespace().collect();
+        (f[0].to_owned(), f[1].to_owned())
+    };
+    for (name, soft, hard) in [
+        ("Max open files", "3000", "4000"),
+        ("Max core file size", "1024", "4096"),
+        ("Max processes", "500", "600"),
+        ("Max stack size", "4194304", "8388608"),
+        ("Max locked memory", "65536", "131072"),
+        ("Max msgqueue size", "8192", "16384"),
+    ] {
+        assert_eq!(limit(name), (soft.into(), hard.into()), "{name}: {out}");
+    }
+}
