@@ -127,8 +127,8 @@ pub enum NamespaceMapping {
     Inherit,
 }
 
-/// How host resources that a spec names reach the guest. The default (`HostHidden`) is the
-/// CLI's: nothing of the host's is visible in the guest.
+/// How host resources that a spec names reach the guest (the CLI's is
+/// `volumes::SharedBinds`, the shim's its pod mapping).
 pub trait HostMapping {
     /// A namespace entry of type `kind` with host path `path`.
     fn namespace(&mut self, kind: &str, path: &str) -> NamespaceMapping;
@@ -143,35 +143,11 @@ pub trait HostMapping {
     ) -> Result<Option<String>, String>;
 }
 
-/// Nothing of the host reaches the guest: host binds are skipped, namespace paths get new
-/// namespaces.
-pub struct HostHidden;
-
-impl HostMapping for HostHidden {
-    fn namespace(&mut self, _kind: &str, _path: &str) -> NamespaceMapping {
-        NamespaceMapping::New
-    }
-    fn bind(&mut self, _: &str, _: &str, _: &[String]) -> Result<Option<String>, String> {
-        Ok(None)
-    }
-}
-
-/// The spec as the guest gets it, and warnings about what was left out:
-/// - `hooks` run on the host (see `hooks`), never in the guest;
-/// - bind mounts of host paths are dropped: the guest cannot see host files (only the
-///   rootfs travels to the guest);
-/// - namespace paths (host namespaces to join) are dropped: the guest makes new ones.
-pub fn guest_spec(raw: &Value) -> (Value, Vec<String>) {
-    match guest_spec_with(raw, &mut HostHidden) {
-        Ok(r) => r,
-        // HostHidden never fails a mount.
-        Err(_) => (raw.clone(), Vec::new()),
-    }
-}
-
-/// As `guest_spec`, with `mapping` deciding what becomes of host binds and namespace paths.
-/// Fails when the mapping cannot provide a bind mount (the message names the mount).
-pub fn guest_spec_with(
+/// The spec as the guest gets it, and warnings about what was left out, with `mapping`
+/// deciding what becomes of host binds and namespace paths; `hooks` run on the host (see
+/// `hooks`), never in the guest. Fails when the mapping cannot provide a bind mount (the
+/// message names the mount).
+pub fn guest_spec(
     raw: &Value,
     mapping: &mut dyn HostMapping,
 ) -> Result<(Value, Vec<String>), String> {
@@ -345,7 +321,17 @@ mod tests {
         ]);
         c["linux"] =
             json!({"namespaces": [{"type": "network", "path": "/run/netns/x"}, {"type": "pid"}]});
-        let (g, warnings) = guest_spec(&c);
+        /// Hides the host: binds skipped, namespace paths become new namespaces.
+        struct Hidden;
+        impl HostMapping for Hidden {
+            fn namespace(&mut self, _: &str, _: &str) -> NamespaceMapping {
+                NamespaceMapping::New
+            }
+            fn bind(&mut self, _: &str, _: &str, _: &[String]) -> Result<Option<String>, String> {
+                Ok(None)
+            }
+        }
+        let (g, warnings) = guest_spec(&c, &mut Hidden).unwrap();
         assert!(g.get("hooks").is_none());
         assert_eq!(g["mounts"].as_array().unwrap().len(), 1);
         assert_eq!(
@@ -395,7 +381,7 @@ mod tests {
             {"type": "uts", "path": "/proc/7/ns/uts"},
             {"type": "mount"},
         ]});
-        let (g, warnings) = guest_spec_with(&c, &mut Pod).unwrap();
+        let (g, warnings) = guest_spec(&c, &mut Pod).unwrap();
         assert_eq!(
             g["linux"]["namespaces"],
             json!([{"type": "ipc", "path": "/proc/1/ns/ipc"}, {"type": "uts"}, {"type": "mount"}])
@@ -405,7 +391,7 @@ mod tests {
         assert_eq!(warnings.len(), 2, "{warnings:?}");
 
         c["mounts"] = json!([{"destination": "/bad", "type": "bind", "source": "/nope"}]);
-        let err = guest_spec_with(&c, &mut Pod).unwrap_err();
+        let err = guest_spec(&c, &mut Pod).unwrap_err();
         assert!(
             err.contains("/bad") && err.contains("/nope") && err.contains("no such file"),
             "{err}"

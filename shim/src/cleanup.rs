@@ -17,9 +17,10 @@ use husk_runtime::bundle;
 
 use crate::container::Exit;
 use crate::pod::Role;
+use crate::rootfs;
 use crate::service::{RUN_DIR_FILE, RUN_ROOT};
 use crate::share::{self, SHARE_TAG};
-use crate::{cgroup, rootfs};
+use husk_runtime::host_cgroup;
 
 pub fn delete(flags: &containerd_shim::Flags) -> Result<()> {
     let bundle = if flags.bundle.is_empty() {
@@ -61,7 +62,9 @@ pub fn delete(flags: &containerd_shim::Flags) -> Result<()> {
         && let Some(path) = spec.pointer("/linux/cgroupsPath").and_then(|p| p.as_str())
         && !path.is_empty()
     {
-        cgroup::remove_after_crash(path);
+        for e in host_cgroup::remove_after_crash(path) {
+            eprintln!("{}: {e}", crate::RUNTIME_NAME);
+        }
     }
     // The dead shim's socket (its address is in the bundle, written by `start`); a pod
     // container's address is its pod's shim, which may still be serving.

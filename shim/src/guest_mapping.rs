@@ -1,5 +1,5 @@
 //! What the host resources a container's spec names become in the VM (the shim's
-//! `HostMapping` for `husk_runtime::bundle::guest_spec_with`):
+//! `HostMapping` for `husk_runtime::bundle::guest_spec`):
 //! - the pod's network namespace (a host netns made by CRI/CNI) is the VM's own: every
 //!   container of the pod stays in the agent's network namespace, where the pod's
 //!   interface is;

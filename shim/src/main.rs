@@ -8,7 +8,6 @@
 //! - `delete`: clean up after a shim that is gone.
 
 mod bootstrap;
-mod cgroup;
 mod cleanup;
 mod container;
 mod error;

@@ -28,10 +28,8 @@ const ROOTFS_SERIAL: &str = "rootfs";
 const VM_SOCKET: &str = "vm.sock";
 const FS_SOCKET: &str = "fs.sock";
 /// The pod's /dev/shm: one guest tmpfs that every container of the VM binds (CRI binds
-/// the sandbox's shm folder into each container; a host folder would not be shared memory
-/// with the guest).
-pub const SHM_MOUNT: &str = "shm";
-const SHM_OPTIONS: &str = "nosuid,nodev,noexec,mode=1777,size=65536k";
+/// the sandbox's shm folder into each container).
+pub use husk_runtime::volumes::{SHM_MOUNT, SHM_OPTIONS};
 const VIRTIOFSD_START_TIMEOUT: Duration = Duration::from_secs(10);
 const STOP_TIMEOUT: Duration = Duration::from_secs(10);
 

@@ -45,7 +45,6 @@ use husk_runtime::config::Config;
 use husk_runtime::state::RootfsMode;
 use husk_runtime::{rootfs_image, sizing};
 
-use crate::cgroup::PodCgroup;
 use crate::container::{Container, Exit, Process, Status, UNKNOWN_EXIT_STATUS};
 use crate::error::{ShimError, ShimResult};
 use crate::events::Events;
@@ -57,6 +56,7 @@ use crate::share::{SHARE_TAG, SharedDir};
 use crate::stdio::{self, IoPaths};
 use crate::vm::{PodVm, release_host_side};
 use crate::{rootfs, stats};
+use husk_runtime::host_cgroup::HostCgroup;
 
 /// Where the shim keeps its VM's sockets (not under /run/husk, the `husk` CLI's state
 /// root, which it tidies): short paths (a bundle path can exceed the
@@ -268,7 +268,7 @@ impl Inner {
         let mut network = None;
         let booted = async {
             if is_pod && let Some(path) = cgroups_path(&b.raw) {
-                cgroup = Some(PodCgroup::enter(&path).map_err(|e| {
+                cgroup = Some(HostCgroup::enter(&path).map_err(|e| {
                     ShimError::FailedPrecondition(format!("pod cgroup {path}: {e:#}"))
                 })?);
             }
@@ -400,7 +400,7 @@ impl Inner {
             vm.owner_guest_pid(),
             vm.sandbox.resolv_conf_source(),
         );
-        let (mut guest_spec, warnings) = bundle::guest_spec_with(&b.raw, &mut mapping)
+        let (mut guest_spec, warnings) = bundle::guest_spec(&b.raw, &mut mapping)
             .map_err(|e| ShimError::InvalidArgument(format!("container {}: {e}", req.id)))?;
         if guest_mapping::with_private_cgroup_namespace(&mut guest_spec) {
             tracing::debug!(id = %req.id, "a private cgroup namespace (the guest is cgroup v2)");

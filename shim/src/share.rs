@@ -135,8 +135,12 @@ fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
     )
     .with_context(|| format!("binding {} at {}", source.display(), target.display()))?;
     if read_only {
-        let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-        if let Err(e) = mount(None::<&str>, target, None::<&str>, flags, None::<&str>) {
+        // Recursively: a plain read-only remount would leave mounts below the volume
+        // writable for the guest.
+        let made = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
+            .map_err(std::io::Error::other)
+            .and_then(|t| husk_runtime::volumes::make_read_only_recursively(&t));
+        if let Err(e) = made {
             let _ = umount2(target, MntFlags::MNT_DETACH);
             return Err(e).with_context(|| format!("making {} read-only", target.display()));
         }
@@ -276,6 +280,22 @@ mod tests {
             .add_bind("c1", 2, &tmp.path().join("missing"), false)
             .unwrap_err();
         assert!(format!("{err:#}").contains("missing"), "{err:#}");
+        // A read-only volume with a writable mount below it: read-only all the way down.
+        let sub = volume.join("sub");
+        std::fs::create_dir(&sub).unwrap();
+        mount(
+            Some("tmpfs"),
+            &sub,
+            Some("tmpfs"),
+            MsFlags::empty(),
+            None::<&str>,
+        )
+        .unwrap();
+        share.add_bind("c1", 3, &volume, true).unwrap();
+        let err = std::fs::write(share.path().join("c1/binds/3/sub/x"), "x").unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+        std::fs::write(sub.join("x"), "host").unwrap();
+        umount2(&sub, MntFlags::MNT_DETACH).unwrap();
 
         share.remove_container("c1").unwrap();
         share.remove_container("c1").unwrap();

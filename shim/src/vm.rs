@@ -6,10 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
-use crate::cgroup::PodCgroup;
 use crate::network::PodNetwork;
 use crate::sandbox::Sandbox;
 use crate::share::{self, SharedDir};
+use husk_runtime::host_cgroup::HostCgroup;
 
 pub struct PodVm {
     /// The container that made the VM: the pod's sandbox container, or the lone container.
@@ -20,7 +20,7 @@ pub struct PodVm {
     /// Sockets of the VM and virtiofsd, and the shared folder.
     pub run_dir: PathBuf,
     pub shared: Option<SharedDir>,
-    pub cgroup: Option<PodCgroup>,
+    pub cgroup: Option<HostCgroup>,
     pub network: Option<PodNetwork>,
     /// The owner's init pid in the guest, whose namespaces the pod's containers join.
     owner_guest_pid: OnceLock<u32>,
@@ -33,7 +33,7 @@ impl PodVm {
         sandbox: Sandbox,
         run_dir: PathBuf,
         shared: Option<SharedDir>,
-        cgroup: Option<PodCgroup>,
+        cgroup: Option<HostCgroup>,
         network: Option<PodNetwork>,
     ) -> Self {
         Self {
@@ -73,7 +73,7 @@ pub fn release_host_side(
     run_dir: &Path,
     shared: Option<&SharedDir>,
     network: Option<&PodNetwork>,
-    cgroup: Option<&PodCgroup>,
+    cgroup: Option<&HostCgroup>,
 ) {
     if let Some(n) = network
         && let Err(e) = n.teardown()

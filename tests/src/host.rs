@@ -21,3 +21,32 @@ pub fn skip_without_kvm(test: &str) -> bool {
         None => false,
     }
 }
+
+/// The folders of cgroup `rel` (a path below the hierarchies' roots) that exist, one per
+/// mounted cgroup hierarchy (v1 controllers or the v2 tree).
+pub fn cgroup_folders(rel: &str) -> Vec<std::path::PathBuf> {
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    mountinfo
+        .lines()
+        .filter_map(|l| {
+            let (left, right) = l.split_once(" - ")?;
+            let fstype = right.split(' ').next()?;
+            let fields: Vec<&str> = left.split(' ').collect();
+            let point = fields.get(4)?;
+            (matches!(fstype, "cgroup" | "cgroup2") && fields.get(3) == Some(&"/"))
+                .then(|| std::path::Path::new(point).join(rel.trim_start_matches('/')))
+        })
+        .filter(|p| p.is_dir())
+        .collect()
+}
+
+/// The first of `files` found in any of `folders`, trimmed: a limit is in whichever
+/// hierarchy has its controller.
+pub fn cgroup_value(folders: &[std::path::PathBuf], files: &[&str]) -> Option<String> {
+    folders.iter().find_map(|d| {
+        files
+            .iter()
+            .find_map(|f| std::fs::read_to_string(d.join(f)).ok())
+            .map(|v| v.trim().to_owned())
+    })
+}

@@ -1,11 +1,11 @@
 //! Nothing is left behind when the monitor (and with it the in-process VMM) is SIGKILLed:
-//! `state` says stopped, `delete` removes the state directory and its sockets, and no husk
-//! process of the container remains. One VM boot.
+//! `state` says stopped, `delete` removes the state directory and its sockets and the host
+//! cgroup, and no husk process of the container remains. One VM boot.
 
 use std::time::{Duration, Instant};
 
 use husk_tests::GuestImage;
-use husk_tests::host::skip_without_kvm;
+use husk_tests::host::{cgroup_folders, skip_without_kvm};
 use husk_tests::husk_cli::{Bundle, Husk, pid_alive, spec};
 
 /// The read-only image mode needs no virtiofsd; cli_virtiofs covers the default mode.
@@ -25,7 +25,11 @@ fn delete_cleans_up_after_a_sigkilled_monitor() {
         }
     };
     let husk = Husk::new(&Husk::guest_config(&image, BLOCK_MODE)).expect("husk setup");
-    let b = Bundle::busybox(husk.dir(), "b", &spec(&["sleep", "1000"], true)).unwrap();
+    // In a host cgroup of its own, which the dead monitor cannot remove itself.
+    let cgroup = format!("husk-test-cleanup-{}", std::process::id());
+    let mut config = spec(&["sleep", "1000"], true);
+    config["linux"]["cgroupsPath"] = serde_json::json!(format!("/{cgroup}"));
+    let b = Bundle::busybox(husk.dir(), "b", &config).unwrap();
     let created = husk
         .spawn_to_files("create", &["run", "--detach", "--bundle", b.path(), "k1"])
         .expect("husk run -d");
@@ -67,6 +71,10 @@ fn delete_cleans_up_after_a_sigkilled_monitor() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(!dir.exists(), "state dir, sockets and image removed");
+    assert!(
+        cgroup_folders(&cgroup).is_empty(),
+        "host cgroup {cgroup} left after delete"
+    );
     // No process still has the container's state dir (e.g. a VMM holding the image).
     let marker = dir.to_string_lossy().into_owned();
     for entry in std::fs::read_dir("/proc").unwrap().flatten() {

@@ -1,12 +1,12 @@
 //! The `husk` CLI driven like runc's callers drive runc, on one container (one VM boot):
 //! create → state created → duplicate create refused → start → running → exec → ps →
 //! pause/resume → update → events --stats → kill → stopped → delete (twice), with the pid
-//! file and host-side hooks.
+//! file, host-side hooks, and the host cgroup with the spec's CPU and pids limits.
 
 use std::time::Duration;
 
 use husk_tests::GuestImage;
-use husk_tests::host::skip_without_kvm;
+use husk_tests::host::{cgroup_folders, cgroup_value, skip_without_kvm};
 use husk_tests::husk_cli::{Bundle, Husk, pid_alive, spec};
 use serde_json::json;
 
@@ -38,6 +38,15 @@ fn full_lifecycle_in_one_vm() {
         ],
         true,
     );
+    // A host cgroup with CPU and pids limits (a quota of two CPUs, so a slow guest is not
+    // throttled; the annotation keeps the VM at one vCPU, which the quota would raise).
+    let cgroup = format!("husk-test-life-{}", std::process::id());
+    config["linux"]["cgroupsPath"] = json!(format!("/{cgroup}"));
+    config["linux"]["resources"] = json!({
+        "cpu": {"shares": 512, "quota": 200000, "period": 100000},
+        "pids": {"limit": 256},
+    });
+    config["annotations"] = json!({"io.husk.vcpus": "1"});
     config["hooks"] = json!({
         "createRuntime": [hook("createRuntime")],
         "poststart": [hook("poststart")],
@@ -87,6 +96,32 @@ fn full_lifecycle_in_one_vm() {
         "hook got the state JSON: {hooks}"
     );
 
+    // the host enforces the spec's CPU and pids limits on the monitor (and so the VMM)
+    let folders = cgroup_folders(&cgroup);
+    assert!(!folders.is_empty(), "no host cgroup {cgroup}");
+    let in_cgroup = folders.iter().any(|d| {
+        std::fs::read_to_string(d.join("cgroup.procs"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.trim() == pid.to_string())
+    });
+    assert!(in_cgroup, "monitor {pid} is not in {folders:?}");
+    let shares = cgroup_value(&folders, &["cpu.shares"]);
+    let weight = cgroup_value(&folders, &["cpu.weight"]);
+    assert!(
+        shares.as_deref() == Some("512") || weight.as_deref() == Some("20"),
+        "shares {shares:?} weight {weight:?}"
+    );
+    let quota = cgroup_value(&folders, &["cpu.cfs_quota_us", "cpu.max"]);
+    assert!(
+        matches!(quota.as_deref(), Some("200000") | Some("200000 100000")),
+        "{quota:?}"
+    );
+    assert_eq!(
+        cgroup_value(&folders, &["pids.max"]).as_deref(),
+        Some("256")
+    );
+
     // a second create with the same id is refused without booting anything
     let dup = husk
         .spawn_to_files("dup", &["create", "--bundle", bundle.path(), "life"])
@@ -129,6 +164,27 @@ fn full_lifecycle_in_one_vm() {
         String::from_utf8_lossy(&o.stderr)
     );
     assert_eq!(String::from_utf8_lossy(&o.stdout), "exec-out-42\n");
+
+    // exec of a missing command fails at once, with the agent's message shown once
+    let o = husk
+        .output(&["exec", "life", "/nonexistent-cmd"])
+        .expect("exec of a missing command");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "{stderr}");
+    let line = stderr
+        .lines()
+        .find(|l| l.starts_with("husk: "))
+        .unwrap_or_else(|| panic!("no husk: error line in {stderr}"));
+    assert!(
+        line.starts_with("husk: exec in life: ")
+            && line.contains(r#"executable "/nonexistent-cmd" not found in the container (PATH"#),
+        "{line}"
+    );
+    assert_eq!(line.matches("not found").count(), 1, "{line}");
+    assert!(
+        !line.contains("Status {") && !line.contains("vm.sock"),
+        "{line}"
+    );
 
     // ps
     let o = husk
@@ -236,6 +292,10 @@ fn full_lifecycle_in_one_vm() {
     let o = husk.output(&["state", "life"]).expect("state after delete");
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("does not exist"));
+    assert!(
+        cgroup_folders(&cgroup).is_empty(),
+        "host cgroup {cgroup} left after delete"
+    );
     let o = husk.output(&["delete", "life"]).expect("second delete");
     assert_eq!(o.status.code(), Some(1));
     let o = husk

@@ -1,7 +1,7 @@
 //! podman 4.3 with husk as its OCI runtime (`podman --runtime …`), on an image made by
 //! `podman import` of a busybox rootfs, with podman's default seccomp profile and the
 //! default virtio-fs rootfs. Three VM boots:
-//! - `run`: output and exit code, then `logs` and `rm`;
+//! - `run` with a volume (`-v`): output and exit code, then `logs` and `rm`;
 //! - `run -d`, `exec`, `stop` (TERM reaches the init's trap), `logs`, `rm`;
 //! - `run -t`.
 //!
@@ -73,6 +73,10 @@ fn text(b: &[u8]) -> String {
 /// `podman run` relays stdout and stderr and exits with the container's code; `logs` has
 /// both streams; `rm` removes husk's state.
 fn run_exit_code_and_logs(podman: &Podman) {
+    // A volume (`-v`), as users pass one.
+    let volume = tempfile::tempdir().expect("volume dir");
+    std::fs::write(volume.path().join("hello.txt"), "from-volume\n").unwrap();
+    let bind = format!("{}:/mnt/vol", volume.path().display());
     let o = podman
         .output(&[
             "run",
@@ -82,10 +86,12 @@ fn run_exit_code_and_logs(podman: &Podman) {
             "once",
             "--network",
             "none",
+            "-v",
+            &bind,
             IMAGE,
             "sh",
             "-c",
-            "echo out-line; echo err-line >&2; exit 3",
+            "echo out-line; cat /mnt/vol/hello.txt; echo err-line >&2; exit 3",
         ])
         .expect("podman run");
     let stderr = text(&o.stderr);
@@ -95,7 +101,11 @@ fn run_exit_code_and_logs(podman: &Podman) {
         "podman run: {stderr}{}",
         podman.diagnostics()
     );
-    assert_eq!(text(&o.stdout), "out-line\n", "stderr: {stderr}");
+    assert_eq!(
+        text(&o.stdout),
+        "out-line\nfrom-volume\n",
+        "stderr: {stderr}"
+    );
     assert!(stderr.contains("err-line"), "{stderr}");
 
     let state = podman
@@ -109,7 +119,7 @@ fn run_exit_code_and_logs(podman: &Podman) {
     assert_eq!(state.trim(), "exited 3");
     let logs = podman.output(&["logs", "once"]).expect("podman logs");
     assert!(logs.status.success(), "logs: {}", text(&logs.stderr));
-    assert_eq!(text(&logs.stdout), "out-line\n");
+    assert_eq!(text(&logs.stdout), "out-line\nfrom-volume\n");
     assert!(text(&logs.stderr).contains("err-line"), "{logs:?}");
 
     podman.ok(&["rm", "once"]).expect("podman rm once");

@@ -14,7 +14,7 @@ use husk_runtime::state::{
     CONFIG_COPY, ContainerLock, ContainerState, RootfsMode, StateError, StateStore, Status,
     VM_SOCKET,
 };
-use husk_runtime::{hooks, id, signal, sizing};
+use husk_runtime::{hooks, host_cgroup, id, signal, sizing};
 use nix::fcntl::{FcntlArg, FdFlag, OFlag, fcntl};
 use nix::sys::signal::Signal;
 
@@ -88,6 +88,7 @@ fn prepare(g: &GlobalOpts, opts: &CreateOpts, id: &str, own_tty: bool) -> Result
         terminal,
         guest_pid: None,
         exit: None,
+        host_cgroup: Vec::new(),
     };
     let saved = (|| -> Result<()> {
         std::fs::copy(bundle.dir.join(CONFIG_FILE), lock.dir().join(CONFIG_COPY))
@@ -235,7 +236,7 @@ pub fn start(g: &GlobalOpts, id: &str) -> Result<()> {
         client
             .start_container(&st.agent_id)
             .await
-            .context("starting the container")
+            .with_context(|| format!("starting {id}"))
     })??;
     st.status = Status::Running;
     store.save(&lock, &st)?;
@@ -332,6 +333,11 @@ pub fn teardown(store: &StateStore, st: &ContainerState) {
     if let Some(v) = st.virtiofsd {
         v.signal(Signal::SIGKILL);
         v.wait_gone(KILL_WAIT);
+    }
+    // A monitor that exited in order removed its cgroup itself; a SIGKILLed one did not.
+    for e in host_cgroup::remove_paths_after_crash(&st.host_cgroup) {
+        tracing::warn!("{e}");
+        eprintln!("husk: {e}");
     }
 }
 

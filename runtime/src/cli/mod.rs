@@ -208,7 +208,7 @@ pub fn main() -> i32 {
     };
     if cli.global.systemd_cgroup {
         tracing::warn!(
-            "--systemd-cgroup is accepted but has no effect: husk applies cgroup limits inside the container's VM (cgroup v2), not in host cgroups"
+            "--systemd-cgroup has no effect of its own: a linux.cgroupsPath of the form slice:prefix:name is placed as systemd would place it, by making the folder directly (no transient unit)"
         );
     }
     match dispatch(cli) {

@@ -24,12 +24,14 @@ use husk_protocol::agent::{
 use husk_protocol::client::{AgentClient, Target, connect_with_retry};
 use husk_runtime::bundle::{self, Bundle};
 use husk_runtime::config::Config;
+use husk_runtime::host_cgroup::{HostCgroup, HostLimits};
 use husk_runtime::process::ProcessIdentity;
-use husk_runtime::sizing::VmSize;
+use husk_runtime::sizing::{HOST_MEMORY_OVERHEAD_MIB, VmSize};
 use husk_runtime::state::{
     ContainerState, ExitRecord, FS_SOCKET, ROOTFS_IMAGE, RootfsMode, StateStore, Status, VM_SOCKET,
 };
 use husk_runtime::vm_config::{path_arg, vm_config};
+use husk_runtime::volumes::{self, SHARE_TAG, SHM_MOUNT, SHM_OPTIONS, SharedBinds, SharedFolder};
 use husk_runtime::{console, exit, hooks, rootfs_image};
 use husk_vmm::stop::StopReason;
 use tokio::signal::unix::{SignalKind, signal};
@@ -37,9 +39,8 @@ use tokio::signal::unix::{SignalKind, signal};
 use super::relay::{self, Relay, TerminalHost};
 use super::{FAILURE, GlobalOpts, oci_state};
 
-/// virtio-blk serial of the rootfs image, and the virtio-fs tag of the shared rootfs.
+/// virtio-blk serial of the rootfs image.
 const ROOTFS_SERIAL: &str = "rootfs";
-const ROOTFS_TAG: &str = "rootfs";
 /// Stream id prefix of the init's stdio.
 const INIT_STREAMS: &str = "init";
 /// How long output may keep flowing after the init exited.
@@ -108,6 +109,7 @@ pub struct Monitor {
     relay: Relay,
     vmm_done: tokio::sync::oneshot::Receiver<Result<StopReason, String>>,
     virtiofsd: Option<Child>,
+    host_cgroup: Option<HostCgroup>,
 }
 
 impl Monitor {
@@ -122,28 +124,45 @@ impl Monitor {
         let vm_socket = store.socket_path(id, VM_SOCKET)?;
         let _ = std::fs::remove_file(&vm_socket);
 
-        // The rootfs: an image, or virtiofsd sharing the directory.
+        // The host cgroup first: virtiofsd and the VMM's threads start inside it.
+        let host_cgroup = enter_host_cgroup(&bundle, st.memory_mib)?;
+        if let Some(cg) = &host_cgroup {
+            let paths = cg.created_paths().map(Path::to_path_buf).collect();
+            st = update(&store, id, |st| st.host_cgroup = paths)?;
+        }
+
+        // Host binds become entries of the shared folder; a bad one fails the create here,
+        // before anything is started.
+        let mut binds = SharedBinds::default();
+        let (guest_spec, warnings) = bundle::guest_spec(&bundle.raw, &mut binds)
+            .map_err(|e| anyhow!("{}: {e}", bundle.dir.join(bundle::CONFIG_FILE).display()))?;
+
+        // The rootfs: an image, or shared through virtiofsd with the host binds.
         let mut vmm_args: Vec<String> = Vec::new();
         let mut virtiofsd = None;
-        match st.rootfs_mode {
-            RootfsMode::Block => {
-                let image = dir.join(ROOTFS_IMAGE);
-                rootfs_image::build(&bundle.rootfs, &image)?;
-                vmm_args.push("--block".into());
-                vmm_args.push(format!(
-                    "path={},ro=on,serial={ROOTFS_SERIAL}",
-                    path_arg(&image)?
-                ));
-            }
-            RootfsMode::Virtiofs => {
-                let socket = store.socket_path(id, FS_SOCKET)?;
-                let child = spawn_virtiofsd(&config, &bundle.rootfs, &socket)?;
-                let ident = ProcessIdentity::of(child.id() as i32);
-                virtiofsd = Some(child);
-                st = update(&store, id, |st| st.virtiofsd = ident)?;
-                vmm_args.push("--fs".into());
-                vmm_args.push(format!("socket={},tag={ROOTFS_TAG}", path_arg(&socket)?));
-            }
+        if st.rootfs_mode == RootfsMode::Block {
+            let image = dir.join(ROOTFS_IMAGE);
+            rootfs_image::build(&bundle.rootfs, &image)?;
+            vmm_args.push("--block".into());
+            vmm_args.push(format!(
+                "path={},ro=on,serial={ROOTFS_SERIAL}",
+                path_arg(&image)?
+            ));
+        }
+        let shares_rootfs = st.rootfs_mode == RootfsMode::Virtiofs;
+        if shares_rootfs || !binds.binds.is_empty() {
+            let folder = SharedFolder::prepare(
+                &dir.join(SHARE_TAG),
+                shares_rootfs.then_some(bundle.rootfs.as_path()),
+                &binds.binds,
+            )?;
+            let socket = store.socket_path(id, FS_SOCKET)?;
+            let child = spawn_virtiofsd(&config, &folder, &socket)?;
+            let ident = ProcessIdentity::of(child.id() as i32);
+            virtiofsd = Some(child);
+            st = update(&store, id, |st| st.virtiofsd = ident)?;
+            vmm_args.push("--fs".into());
+            vmm_args.push(format!("socket={},tag={SHARE_TAG}", path_arg(&socket)?));
         }
         let size = VmSize {
             vcpus: st.vcpus,
@@ -189,12 +208,20 @@ impl Monitor {
 
         // Sandbox, then the container.
         let mut sandbox = CreateSandboxRequest::new();
-        if st.rootfs_mode == RootfsMode::Virtiofs {
+        if virtiofsd.is_some() {
             let mut m = SandboxMount::new();
-            m.name = "rootfs".into();
-            m.source = ROOTFS_TAG.into();
+            m.name = SHARE_TAG.into();
+            m.source = SHARE_TAG.into();
             m.fstype = "virtiofs".into();
             sandbox.mounts.push(m);
+        }
+        if binds.uses_shm {
+            let mut shm = SandboxMount::new();
+            shm.name = SHM_MOUNT.into();
+            shm.source = "shm".into();
+            shm.fstype = "tmpfs".into();
+            shm.options = SHM_OPTIONS.split(',').map(str::to_owned).collect();
+            sandbox.mounts.push(shm);
         }
         let sandbox_dir = rt
             .block_on(client.create_sandbox(&sandbox))
@@ -211,12 +238,11 @@ impl Monitor {
             }
             RootfsMode::Virtiofs => {
                 let mut d = DirectoryRootfs::new();
-                d.path = format!("{sandbox_dir}/mounts/rootfs");
+                d.path = volumes::guest_rootfs(&sandbox_dir);
                 d.overlay = false;
                 rootfs.set_directory(d);
             }
         }
-        let (guest_spec, warnings) = bundle::guest_spec(&bundle.raw);
         for w in warnings {
             tracing::warn!("{w}");
         }
@@ -229,7 +255,7 @@ impl Monitor {
         req.terminal = st.terminal;
         let created = rt
             .block_on(client.create_container(&req))
-            .context("creating the container in the VM")?;
+            .with_context(|| format!("creating {id} in the VM"))?;
 
         let terminal_host = if st.terminal {
             match (&opts.console_socket, opts.terminal_on_own_stdio) {
@@ -266,6 +292,7 @@ impl Monitor {
             relay,
             vmm_done,
             virtiofsd,
+            host_cgroup,
         })
     }
 
@@ -273,7 +300,7 @@ impl Monitor {
     pub fn start(&self) -> Result<()> {
         self.rt
             .block_on(self.client.start_container(&self.agent_id))
-            .context("starting the container")?;
+            .with_context(|| format!("starting {}", self.id))?;
         update(&self.store, &self.id, |st| st.status = Status::Running)?;
         Ok(())
     }
@@ -326,7 +353,41 @@ impl Monitor {
             let _ = child.kill();
             let _ = child.wait();
         }
+        if let Some(cg) = self.host_cgroup.take() {
+            cg.leave();
+        }
     }
+}
+
+/// Joins the spec's `linux.cgroupsPath` on the host with its CPU and pids limits, and a
+/// memory limit of the VM's memory plus its host overhead when the spec limits memory.
+/// No cgroupsPath: the monitor stays where its caller put it.
+fn enter_host_cgroup(bundle: &Bundle, vm_memory_mib: u64) -> Result<Option<HostCgroup>> {
+    let Some(linux) = bundle.spec.linux().as_ref() else {
+        return Ok(None);
+    };
+    let Some(path) = linux
+        .cgroups_path()
+        .as_ref()
+        .filter(|p| !p.as_os_str().is_empty())
+    else {
+        return Ok(None);
+    };
+    let path = path.to_string_lossy();
+    let resources = linux.resources().as_ref();
+    let mut limits = resources
+        .map(HostLimits::from_resources)
+        .unwrap_or_default();
+    if resources
+        .and_then(|r| r.memory().as_ref())
+        .and_then(|m| m.limit())
+        .is_some_and(|l| l > 0)
+    {
+        limits.memory_bytes = Some((vm_memory_mib + HOST_MEMORY_OVERHEAD_MIB) << 20);
+    }
+    HostCgroup::enter_with_limits(&path, &limits)
+        .map(Some)
+        .with_context(|| format!("linux.cgroupsPath {path:?}"))
 }
 
 fn describe_stop(
@@ -428,12 +489,13 @@ pub fn update(
     Ok(st)
 }
 
-/// Starts virtiofsd sharing `dir` on `socket`. It dies with the monitor (PDEATHSIG), and
-/// its pid is recorded so `delete` can kill it if it outlives a SIGKILLed monitor anyway.
-fn spawn_virtiofsd(config: &Config, dir: &Path, socket: &Path) -> Result<Child> {
+/// Starts virtiofsd sharing `folder` on `socket`, with the folder's binds made in its own
+/// mount namespace. It dies with the monitor (PDEATHSIG), and its pid is recorded so
+/// `delete` can kill it if it outlives a SIGKILLed monitor anyway.
+fn spawn_virtiofsd(config: &Config, folder: &SharedFolder, socket: &Path) -> Result<Child> {
     let bin = config.virtiofsd_path().ok_or_else(|| {
         anyhow!(
-            "rootfs_mode = \"virtiofs\" needs virtiofsd: install it (`cargo install virtiofsd`, needs libseccomp-dev and libcap-ng-dev) or set `virtiofsd` in {}",
+            "sharing the rootfs (rootfs_mode = \"virtiofs\") or host bind mounts needs virtiofsd: install it (`cargo install virtiofsd`, needs libseccomp-dev and libcap-ng-dev) or set `virtiofsd` in {}",
             config.source
         )
     })?;
@@ -444,23 +506,33 @@ fn spawn_virtiofsd(config: &Config, dir: &Path, socket: &Path) -> Result<Child> 
     cmd.arg("--socket-path")
         .arg(socket)
         .arg("--shared-dir")
-        .arg(dir)
+        .arg(folder.path())
         // virtiofsd's default namespace sandbox (husk runs as root): the guest must not
-        // reach host files outside the rootfs through it.
-        .args(["--cache", "auto", "--log-level", "warn"])
+        // reach host files outside the shared folder through it. The rootfs and each bind
+        // are mounts of their own below it: announced, they keep their inode numbers apart.
+        .args([
+            "--cache",
+            "auto",
+            "--announce-submounts",
+            "--log-level",
+            "warn",
+        ])
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::from(log_file));
     // Its own process group: a ^C meant for a foreground `husk run` (forwarded to the
     // container) must not kill the file server under it.
     std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
-    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    // SAFETY: prctl, unshare and mount are async-signal-safe, and the binds' paths were
+    // prepared before the fork; nothing else runs between fork and exec.
     unsafe {
-        std::os::unix::process::CommandExt::pre_exec(&mut cmd, || {
+        let folder: *const SharedFolder = folder;
+        let folder = &*folder;
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            Ok(())
+            folder.mount_in_new_namespace()
         });
     }
     let mut child = cmd
