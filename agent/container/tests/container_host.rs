@@ -838,6 +838,15 @@ fn sig_mask(pid: Pid, field: &str) -> u64 {
     u64::from_str_radix(line.trim(), 16).unwrap()
 }
 
+/// Whether `pid` is blocked in wait4 or rt_sigsuspend (how shells wait for a child).
+fn in_wait_syscall(pid: Pid) -> bool {
+    let Ok(line) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
+        return false;
+    };
+    let nr = line.split_whitespace().next().and_then(|n| n.parse::<i64>().ok());
+    nr == Some(libc::SYS_wait4) || nr == Some(libc::SYS_rt_sigsuspend)
+}
+
 /// The trap of a PID-namespace init runs for TERM, USR1 and USR2 sent to the init alone
 /// (`kill ID SIG`, not --all), while the shell waits for a background child; the init
 /// then exits. Nothing is blocked or ignored in the container process.
@@ -877,6 +886,13 @@ fn trapped_signals_run_the_trap_and_end_the_init() {
         }
         assert_eq!(sig_mask(pid, "SigBlk") & bit, 0, "{name} blocked");
         assert_eq!(sig_mask(pid, "SigIgn") & bit, 0, "{name} ignored");
+        // Only a signal that arrives while the shell waits interrupts `wait`; one that
+        // comes earlier runs the trap between commands and the wait then lasts the whole
+        // sleep (as under runc), so wait until the shell sleeps in wait4 or sigsuspend.
+        while !in_wait_syscall(pid) {
+            assert!(Instant::now() < deadline, "{name}: the shell never waited");
+            std::thread::sleep(Duration::from_millis(10));
+        }
         let sent = Instant::now();
         r.container.signal(sig, false).unwrap();
         let status = wait_status(&r.exit);
