@@ -1,7 +1,8 @@
-//! The interrupt line of one virtio-mmio device.
+//! The interrupt line of one virtio-mmio device, and the device's "needs reset" flag that
+//! travels with it from the worker to the transport.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -16,6 +17,9 @@ pub const INT_CONFIG: u32 = 0x2;
 pub struct Interrupt {
     status: Arc<AtomicU32>,
     irqfd: Arc<EventFd>,
+    /// Set by a worker that found the driver's queue state impossible; the transport shows
+    /// it as DEVICE_NEEDS_RESET until the driver resets the device.
+    needs_reset: Arc<AtomicBool>,
 }
 
 impl Interrupt {
@@ -23,7 +27,29 @@ impl Interrupt {
         Self {
             status: Arc::new(AtomicU32::new(0)),
             irqfd: Arc::new(irqfd),
+            needs_reset: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Marks the device as needing a reset and tells the driver with a configuration
+    /// interrupt (virtio 1.2, 2.1.2). Returns false if it was already marked, so callers
+    /// log a guest's broken queue once, not on every kick.
+    pub fn set_needs_reset(&self) -> bool {
+        if self.needs_reset.swap(true, Ordering::SeqCst) {
+            return false;
+        }
+        let _ = self.trigger(INT_CONFIG);
+        true
+    }
+
+    /// Whether a worker marked the device as needing a reset.
+    pub fn needs_reset(&self) -> bool {
+        self.needs_reset.load(Ordering::SeqCst)
+    }
+
+    /// Clears the mark once the driver has reset the device.
+    pub fn clear_needs_reset(&self) {
+        self.needs_reset.store(false, Ordering::SeqCst);
     }
 
     /// Sets `bits` in InterruptStatus and injects the interrupt.

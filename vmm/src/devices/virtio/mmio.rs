@@ -210,7 +210,13 @@ impl MmioTransport {
             REG_QUEUE_NUM_MAX => q.map_or(0, |q| u32::from(q.max_size)),
             REG_QUEUE_READY => q.map_or(0, |q| u32::from(q.ready)),
             REG_INTERRUPT_STATUS => self.interrupt.status(),
-            REG_STATUS => self.status,
+            REG_STATUS => {
+                if self.interrupt.needs_reset() {
+                    self.status | status::DEVICE_NEEDS_RESET
+                } else {
+                    self.status
+                }
+            }
             REG_QUEUE_DESC_LOW => q.map_or(0, |q| q.desc as u32),
             REG_QUEUE_DESC_HIGH => q.map_or(0, |q| (q.desc >> 32) as u32),
             REG_QUEUE_DRIVER_LOW => q.map_or(0, |q| q.driver as u32),
@@ -397,6 +403,7 @@ impl MmioTransport {
             *q = QueueRegs::new(q.max_size);
         }
         self.interrupt.ack(u32::MAX);
+        self.interrupt.clear_needs_reset();
         self.config_generation = self.config_generation.wrapping_add(1);
     }
 }

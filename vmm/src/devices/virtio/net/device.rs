@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use tracing::{debug, warn};
 use virtio_bindings::virtio_net::{VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -17,7 +17,7 @@ use super::mac::MacAddr;
 use super::tap::{Tap, TapError};
 use crate::devices::virtio::block::read_config_bytes;
 use crate::devices::virtio::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use crate::devices::virtio::worker::{Worker, drain_queue, notify_guest, setup_epoll};
+use crate::devices::virtio::worker::{Worker, drain_queue, notify_guest, rearm, setup_epoll};
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, GuestMemory, Interrupt, VirtioDevice, device_type,
 };
@@ -238,7 +238,9 @@ impl NetWorker {
     fn process_tx(&mut self) {
         let backend = &mut self.backend;
         let txq = &mut self.queues[TXQ];
-        if drain_queue(&self.mem, txq, |m, q| backend.process_tx(m, q)) {
+        if drain_queue(&self.mem, txq, &self.interrupt, |m, q| {
+            backend.process_tx(m, q)
+        }) {
             notify_guest(&self.mem, txq, &self.interrupt);
         }
     }
@@ -253,13 +255,8 @@ impl NetWorker {
                 return;
             }
             // A frame waits for a buffer: ask for a kick, unless buffers arrived meanwhile.
-            match rxq.enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => {
-                    warn!("virtio-net: cannot enable RX notifications: {e}");
-                    return;
-                }
+            if !rearm(&self.mem, rxq, &self.interrupt) {
+                return;
             }
         }
     }

@@ -528,6 +528,98 @@ fn worker_moves_frames_both_ways_through_the_transport() {
     bring_up(&mut t);
 }
 
+/// A guest that claims more RX buffers than its queue holds while a frame waits: the
+/// worker marks the device DEVICE_NEEDS_RESET instead of spinning in its RX loop, the
+/// driver's reset returns promptly and clears the mark, and the device works again.
+#[test]
+fn an_impossible_rx_avail_index_needs_reset_and_a_reset_recovers() {
+    use crate::devices::bus::BusDevice;
+    use crate::devices::virtio::Interrupt;
+    use crate::devices::virtio::interrupt::INT_CONFIG;
+    use crate::devices::virtio::mmio::{MmioTransport, status};
+    use std::time::{Duration, Instant};
+
+    let mem = mem();
+    let (ours, peer) = UnixDatagram::pair().unwrap();
+    ours.set_nonblocking(true).unwrap();
+    let net = Net::with_file("t0".into(), File::from(OwnedFd::from(ours)), test_mac());
+    let irq = EventFd::new(vmm_sys_util::eventfd::EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(mem.clone(), Box::new(net), Interrupt::new(irq));
+    let wr = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    let rd = |t: &mut MmioTransport, off: u64| {
+        let mut b = [0u8; 4];
+        t.read(off, &mut b);
+        u32::from_le_bytes(b)
+    };
+    let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
+    let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
+    let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    let bring_up = |t: &mut MmioTransport| {
+        wr(t, 0x70, status::ACKNOWLEDGE);
+        wr(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
+        wr(t, 0x24, 1);
+        wr(t, 0x20, 1);
+        wr(t, 0x70, ok);
+        for (i, vq) in [&rxq, &txq].iter().enumerate() {
+            wr(t, 0x30, i as u32);
+            wr(t, 0x38, 16);
+            wr(t, 0x80, vq.desc_table_addr().0 as u32);
+            wr(t, 0x90, vq.avail_addr().0 as u32);
+            wr(t, 0xa0, vq.used_addr().0 as u32);
+            wr(t, 0x44, 1);
+        }
+        wr(t, 0x70, ok | status::DRIVER_OK);
+        assert!(t.is_activated());
+    };
+    bring_up(&mut t);
+
+    // A frame waits for a buffer; then the guest's avail index jumps 40 ahead of 16.
+    peer.send(&on_wire([0; 12], &frame(300, 8))).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    rxq.avail().idx().store(40);
+    wr(&mut t, 0x50, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rd(&mut t, 0x70) & status::DEVICE_NEEDS_RESET == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the device never asked for a reset"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    assert_eq!(
+        rd(&mut t, 0x70),
+        ok | status::DRIVER_OK | status::DEVICE_NEEDS_RESET
+    );
+    assert_ne!(rd(&mut t, 0x60) & INT_CONFIG, 0, "config interrupt raised");
+    assert_eq!(
+        rxq.used().idx().load(),
+        0,
+        "nothing was written to the guest"
+    );
+
+    // The same on TX: the worker is still responsive and does not spin there either.
+    txq.avail().idx().store(1000);
+    wr(&mut t, 0x50, 1);
+
+    // The driver resets: the worker stops, the mark is gone, and a fresh start works.
+    let started = Instant::now();
+    wr(&mut t, 0x70, 0);
+    assert!(!t.is_activated(), "reset took {:?}", started.elapsed());
+    assert_eq!(rd(&mut t, 0x70), 0);
+    rxq.avail().idx().store(0);
+    txq.avail().idx().store(0);
+    bring_up(&mut t);
+    assert_eq!(rd(&mut t, 0x70) & status::DEVICE_NEEDS_RESET, 0);
+    rxq.add_desc_chains(&[desc(0x10_0000, 2048, W)], 0).unwrap();
+    peer.send(&on_wire([0; 12], &frame(64, 9))).unwrap();
+    wr(&mut t, 0x50, 0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while rxq.used().idx().load() == 0 {
+        assert!(Instant::now() < deadline, "no frame after the reset");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 // ---- real tap ----------------------------------------------------------------------------
 
 /// Runs `f` on a thread in a fresh network namespace (namespaces are per thread), so taps

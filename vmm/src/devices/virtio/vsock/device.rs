@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::Queue;
 use vmm_sys_util::epoll::EpollEvent;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -14,7 +14,7 @@ use super::VsockError;
 use super::muxer::Muxer;
 use crate::devices::virtio::block::read_config_bytes;
 use crate::devices::virtio::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use crate::devices::virtio::worker::{Worker, drain_queue, notify_guest, setup_epoll};
+use crate::devices::virtio::worker::{Worker, drain_queue, notify_guest, rearm, setup_epoll};
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, GuestMemory, Interrupt, VirtioDevice, device_type,
 };
@@ -185,7 +185,9 @@ impl VsockWorker {
     fn process_tx(&mut self) {
         let muxer = &mut self.muxer;
         let txq = &mut self.queues[TXQ];
-        if drain_queue(&self.mem, txq, |m, q| muxer.process_tx(m, q)) {
+        if drain_queue(&self.mem, txq, &self.interrupt, |m, q| {
+            muxer.process_tx(m, q)
+        }) {
             notify_guest(&self.mem, txq, &self.interrupt);
         }
     }
@@ -200,13 +202,8 @@ impl VsockWorker {
                 return;
             }
             // Out of buffers with work left: ask for a kick, unless buffers arrived meanwhile.
-            match self.queues[RXQ].enable_notification(&self.mem) {
-                Ok(true) => continue,
-                Ok(false) => return,
-                Err(e) => {
-                    warn!("vsock: cannot enable RX notifications: {e}");
-                    return;
-                }
+            if !rearm(&self.mem, &mut self.queues[RXQ], &self.interrupt) {
+                return;
             }
         }
     }
