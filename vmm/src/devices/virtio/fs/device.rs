@@ -48,7 +48,7 @@ pub struct Fs {
     conn: Connection,
     avail_features: u64,
     acked_features: u64,
-    relay: Option<Worker<()>>,
+    relay: Option<Worker<relay::RelayEnd>>,
     /// Rings handed to the backend, to stop on reset.
     started_rings: usize,
 }
@@ -156,9 +156,21 @@ impl VirtioDevice for Fs {
             self.stop_backend();
             return Err(ActivateError::Other(format!("{}: {e}", self.name)));
         }
+        let kicks = queues
+            .iter()
+            .map(|q| q.notify.try_clone())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ActivateError::Worker);
+        let kicks = match kicks {
+            Ok(k) => k,
+            Err(e) => {
+                self.stop_backend();
+                return Err(e);
+            }
+        };
         let name = self.name.clone();
         let worker = match Worker::spawn("virtio-fs", move |kill| {
-            relay::run(name, calls, watch, interrupt, kill)
+            relay::run(name, calls, kicks, watch, interrupt, kill)
         }) {
             Ok(w) => w,
             Err(e) => {

@@ -4,14 +4,16 @@
 //! that cannot go straight to KVM as an irqfd: Linux's virtio_mmio interrupt handler reads
 //! InterruptStatus first and ignores the interrupt when the used-buffer bit is clear. So a
 //! thread waits on the call eventfds and raises the interrupt through [`Interrupt`], which
-//! sets the bit, then injects. The same thread watches the vhost-user socket and logs an
-//! error naming the device when the backend goes away.
+//! sets the bit, then injects. The same thread watches the vhost-user socket: the backend
+//! going away is normal at shutdown (virtiofsd is stopped with the VM), so that alone is
+//! logged at info; only a guest that kicks the share afterwards, whose accesses can then
+//! never complete, is an error.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 
-use tracing::{error, warn};
+use tracing::{error, info, warn};
 use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -21,15 +23,29 @@ use super::super::worker::setup_epoll;
 
 const TOKEN_KILL: u64 = u64::MAX;
 const TOKEN_HANGUP: u64 = u64::MAX - 1;
+/// Kick eventfd `i` is watched (after a hang-up only) with token `TOKEN_KICK + i`.
+const TOKEN_KICK: u64 = 1 << 32;
 
-/// Runs until `kill` is readable. `name` identifies the device in logs.
+/// What the relay saw, handed back when it stops.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct RelayEnd {
+    /// The backend closed its socket.
+    pub hung_up: bool,
+    /// Queue kicks by the guest after that (each is an access that will not complete).
+    pub kicks_after_hang_up: u64,
+}
+
+/// Runs until `kill` is readable. `name` identifies the device in logs; `kicks` are the
+/// queues' notify eventfds, which the backend reads while it lives.
 pub(crate) fn run(
     name: String,
     calls: Vec<EventFd>,
+    kicks: Vec<EventFd>,
     backend: UnixStream,
     interrupt: Interrupt,
     kill: EventFd,
-) {
+) -> RelayEnd {
+    let mut end = RelayEnd::default();
     let mut fds: Vec<(i32, u64)> = calls
         .iter()
         .enumerate()
@@ -40,7 +56,7 @@ pub(crate) fn run(
         Ok(e) => e,
         Err(e) => {
             error!("{name}: notification relay cannot start (epoll: {e}); the share will hang");
-            return;
+            return end;
         }
     };
     // Hang-ups only: the socket's data belongs to the request/reply exchange on the vCPU
@@ -68,23 +84,46 @@ pub(crate) fn run(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 error!("{name}: notification relay stopped (epoll_wait: {e}); the share will hang");
-                return;
+                return end;
             }
         };
         for ev in &events[..n] {
             match ev.data() {
-                TOKEN_KILL => return,
+                TOKEN_KILL => return end,
                 TOKEN_HANGUP => {
-                    error!(
-                        "{name}: the vhost-user backend hung up (virtiofsd exited?); guest \
-                         accesses to this share will not complete"
-                    );
+                    end.hung_up = true;
+                    info!("{name}: the vhost-user backend closed its connection");
                     // Level-triggered: stop watching, or every wait would return at once.
                     let _ = epoll.ctl(
                         ControlOperation::Delete,
                         backend.as_raw_fd(),
                         EpollEvent::default(),
                     );
+                    // From now on nobody reads the kicks: watch them ourselves. What is
+                    // pending was sent before the backend went and is not a new access.
+                    for (i, kick) in kicks.iter().enumerate() {
+                        let _ = kick.read();
+                        let watched = epoll.ctl(
+                            ControlOperation::Add,
+                            kick.as_raw_fd(),
+                            EpollEvent::new(EventSet::IN, TOKEN_KICK + i as u64),
+                        );
+                        if let Err(e) = watched {
+                            warn!("{name}: cannot watch queue {i} after the hang-up: {e}");
+                        }
+                    }
+                }
+                t if t >= TOKEN_KICK => {
+                    if let Some(kick) = kicks.get((t - TOKEN_KICK) as usize) {
+                        let _ = kick.read();
+                    }
+                    if end.kicks_after_hang_up == 0 {
+                        error!(
+                            "{name}: the guest uses the share after its vhost-user backend \
+                             exited (virtiofsd gone?); these accesses will not complete"
+                        );
+                    }
+                    end.kicks_after_hang_up += 1;
                 }
                 i => {
                     if let Some(call) = calls.get(i as usize) {
@@ -122,10 +161,24 @@ mod tests {
             EventFd::new(EFD_NONBLOCK).unwrap(),
         ];
         let backend_side = calls[1].try_clone().unwrap();
+        let kicks = vec![
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+            EventFd::new(EFD_NONBLOCK).unwrap(),
+        ];
+        let guest_kick = kicks[0].try_clone().unwrap();
+        // A kick the backend never read before it went: not counted as a later access.
+        guest_kick.write(1).unwrap();
         let (ours, theirs) = UnixStream::pair().unwrap();
         let relay_interrupt = interrupt.clone();
         let worker = Worker::spawn("fs-relay-test", move |kill| {
-            run("virtio-fs test".into(), calls, ours, relay_interrupt, kill)
+            run(
+                "virtio-fs test".into(),
+                calls,
+                kicks,
+                ours,
+                relay_interrupt,
+                kill,
+            )
         })
         .unwrap();
         // The start-up interrupt.
@@ -140,13 +193,44 @@ mod tests {
         assert_eq!(interrupt.status() & INT_VRING, INT_VRING);
         interrupt.ack(INT_VRING);
 
-        // The backend hanging up is logged, and the relay keeps working afterwards.
+        // The backend hanging up is noted, and the relay keeps working afterwards.
         drop(theirs);
         backend_side.write(1).unwrap();
         wait_until("interrupt after hang-up", || {
             interrupt.irqfd().read().is_ok()
         });
         assert_eq!(interrupt.status() & INT_VRING, INT_VRING);
-        assert!(worker.stop().is_some(), "relay stops on kill");
+        // The stale kick was drained at the hang-up; two new ones are counted.
+        wait_until("stale kick drained", || guest_kick.read().is_err());
+        guest_kick.write(1).unwrap();
+        wait_until("kick taken", || guest_kick.read().is_err());
+        guest_kick.write(1).unwrap();
+        wait_until("kick taken", || guest_kick.read().is_err());
+        let end = worker.stop().expect("relay stops on kill");
+        assert!(end.hung_up);
+        assert_eq!(end.kicks_after_hang_up, 2);
+    }
+
+    /// The usual shutdown: the backend goes, the guest does not touch the share again.
+    #[test]
+    fn a_hang_up_alone_is_no_lost_access() {
+        let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+        let calls = vec![EventFd::new(EFD_NONBLOCK).unwrap()];
+        let kicks = vec![EventFd::new(EFD_NONBLOCK).unwrap()];
+        let (ours, theirs) = UnixStream::pair().unwrap();
+        let worker = Worker::spawn("fs-relay-test", move |kill| {
+            run("virtio-fs test".into(), calls, kicks, ours, interrupt, kill)
+        })
+        .unwrap();
+        drop(theirs);
+        std::thread::sleep(Duration::from_millis(100));
+        let end = worker.stop().expect("relay stops on kill");
+        assert_eq!(
+            end,
+            RelayEnd {
+                hung_up: true,
+                kicks_after_hang_up: 0
+            }
+        );
     }
 }
