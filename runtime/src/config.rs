@@ -24,6 +24,8 @@ pub struct FileConfig {
     pub vcpus: Option<u8>,
     pub memory_mib: Option<u64>,
     pub memory_overhead_mib: Option<u64>,
+    pub max_vcpus: Option<u8>,
+    pub max_memory_mib: Option<u64>,
     pub cpu_template: Option<String>,
     pub rootfs_mode: Option<String>,
     pub virtiofsd: Option<PathBuf>,
@@ -43,6 +45,9 @@ pub struct Config {
     pub vcpus: u8,
     pub memory_mib: u64,
     pub memory_overhead_mib: u64,
+    /// Operator ceilings on a VM's size, whatever the spec or its annotations ask for.
+    pub max_vcpus: u8,
+    pub max_memory_mib: u64,
     pub cpu_template: String,
     pub rootfs_mode: RootfsMode,
     pub virtiofsd: Option<PathBuf>,
@@ -147,6 +152,44 @@ impl Config {
                 ),
             ));
         }
+        let max_vcpus = file.max_vcpus.unwrap_or(husk_vmm::config::MAX_VCPUS as u8);
+        if max_vcpus == 0 || u32::from(max_vcpus) > husk_vmm::config::MAX_VCPUS {
+            return Err(invalid(
+                "max_vcpus",
+                max_vcpus.to_string(),
+                "must be between 1 and 8",
+            ));
+        }
+        if vcpus > max_vcpus {
+            return Err(invalid(
+                "vcpus",
+                vcpus.to_string(),
+                &format!("above max_vcpus = {max_vcpus}"),
+            ));
+        }
+        let max_memory_mib = file
+            .max_memory_mib
+            .unwrap_or(husk_vmm::config::MAX_MEMORY_MIB);
+        if !(husk_vmm::config::MIN_MEMORY_MIB..=husk_vmm::config::MAX_MEMORY_MIB)
+            .contains(&max_memory_mib)
+        {
+            return Err(invalid(
+                "max_memory_mib",
+                max_memory_mib.to_string(),
+                &format!(
+                    "must be between {} and {}",
+                    husk_vmm::config::MIN_MEMORY_MIB,
+                    husk_vmm::config::MAX_MEMORY_MIB
+                ),
+            ));
+        }
+        if memory_mib > max_memory_mib {
+            return Err(invalid(
+                "memory_mib",
+                memory_mib.to_string(),
+                &format!("above max_memory_mib = {max_memory_mib}"),
+            ));
+        }
         let cpu_template = file.cpu_template.unwrap_or_else(|| "auto".to_owned());
         cpu_template
             .parse::<husk_vmm::cpu_template::TemplateChoice>()
@@ -189,6 +232,8 @@ impl Config {
             memory_overhead_mib: file
                 .memory_overhead_mib
                 .unwrap_or(DEFAULT_MEMORY_OVERHEAD_MIB),
+            max_vcpus,
+            max_memory_mib,
             cpu_template,
             rootfs_mode,
             virtiofsd: file.virtiofsd,
