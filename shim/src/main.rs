@@ -15,6 +15,7 @@ mod events;
 mod guest_mapping;
 mod logging;
 mod network;
+mod oom;
 mod pod;
 mod rootfs;
 mod sandbox;

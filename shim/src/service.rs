@@ -50,6 +50,7 @@ use crate::error::{ShimError, ShimResult};
 use crate::events::Events;
 use crate::guest_mapping::{self, PodMapping};
 use crate::network::{PodNetwork, dns};
+use crate::oom;
 use crate::pod::{self, Role};
 use crate::sandbox::{RootfsShare, Sandbox};
 use crate::share::{SHARE_TAG, SharedDir};
@@ -548,8 +549,10 @@ impl Inner {
         p.set_exited(exit);
     }
 
-    /// Publishes TaskOOM for the agent's OOM events, for every container of the VM.
+    /// Publishes TaskOOM for the agent's OOM events: only for this VM's containers, and
+    /// rate-limited (`oom`), since the id comes from the guest.
     async fn forward_oom_events(self: Arc<Self>, vm: Arc<PodVm>) {
+        let mut filter = oom::OomFilter::default();
         loop {
             let r = tokio::select! {
                 r = vm.sandbox.client().get_oom_event() => r,
@@ -557,14 +560,36 @@ impl Inner {
             };
             match r {
                 Ok(id) => {
-                    tracing::info!(container = %id, "OOM kill in the guest");
-                    let event = TaskOOM {
-                        container_id: id,
-                        ..Default::default()
-                    };
-                    self.events
-                        .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event))
-                        .await;
+                    let known = lock(&self.containers)
+                        .get(&id)
+                        .is_some_and(|c| Arc::ptr_eq(&c.vm, &vm));
+                    match filter.admit(&id, known, std::time::Instant::now()) {
+                        oom::Verdict::Publish => {
+                            tracing::info!(container = %id, "OOM kill in the guest");
+                            let event = TaskOOM {
+                                container_id: id,
+                                ..Default::default()
+                            };
+                            self.events
+                                .publish(topics::TASK_OOM_EVENT_TOPIC, Box::new(event))
+                                .await;
+                        }
+                        oom::Verdict::Unknown => {
+                            // Logged once: the text is the guest's, and so is the rate.
+                            if filter.unknown == 1 {
+                                tracing::warn!(
+                                    "the guest reported an OOM kill for {:?}, which is not a container of this VM; ignored (further ones are counted, not logged)",
+                                    id.chars().take(80).collect::<String>()
+                                );
+                            }
+                            tokio::time::sleep(oom::MIN_INTERVAL / 10).await;
+                        }
+                        oom::Verdict::TooSoon => {
+                            // Do not ask again at once: a guest in an OOM loop would keep
+                            // this task busy.
+                            tokio::time::sleep(oom::MIN_INTERVAL / 10).await;
+                        }
+                    }
                 }
                 Err(e) => {
                     if vm.sandbox.is_stopped() {
