@@ -4,7 +4,9 @@ use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::path::PathBuf;
 
-use tracing::{debug, warn};
+use tracing::debug;
+
+use super::guest_log::guest_warn;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
@@ -143,7 +145,7 @@ impl BlockBackend {
                     // `total` fits: the chain's bytes are capped at u32 by virtio-queue.
                     Ok(()) => (VIRTIO_BLK_S_OK, u32::try_from(total).unwrap_or(u32::MAX)),
                     Err(e) => {
-                        warn!("virtio-blk: I/O error at byte {start}: {e}");
+                        guest_warn!("virtio-blk: I/O error at byte {start}: {e}");
                         (VIRTIO_BLK_S_IOERR, 0)
                     }
                 }
@@ -151,7 +153,7 @@ impl BlockBackend {
             VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
-                    warn!("virtio-blk: flush failed: {e}");
+                    guest_warn!("virtio-blk: flush failed: {e}");
                     (VIRTIO_BLK_S_IOERR, 0)
                 }
             },
@@ -199,7 +201,7 @@ impl BlockBackend {
     /// Handles one chain and returns the used length to report.
     fn handle_chain(&mut self, mem: &GuestMemory, descs: &[Descriptor]) -> u32 {
         let Some(req) = Self::parse(mem, descs) else {
-            warn!("virtio-blk: malformed request chain discarded");
+            guest_warn!("virtio-blk: malformed request chain discarded");
             return 0;
         };
         let (status, written) = self.execute(mem, &req);
@@ -219,7 +221,7 @@ impl QueueHandler for BlockBackend {
             let descs: Vec<Descriptor> = chain.collect();
             let len = self.handle_chain(mem, &descs);
             if let Err(e) = queue.add_used(mem, head, len) {
-                warn!("virtio-blk: cannot add used entry: {e}");
+                guest_warn!("virtio-blk: cannot add used entry: {e}");
             }
             used = true;
         }

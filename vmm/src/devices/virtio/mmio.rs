@@ -3,7 +3,9 @@
 //! The transport keeps the register file and the queue configuration the driver writes;
 //! on DRIVER_OK it builds and validates the [`Queue`]s and hands them to the device.
 
-use tracing::{debug, warn};
+use tracing::debug;
+
+use super::guest_log::guest_warn;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
@@ -289,7 +291,7 @@ impl MmioTransport {
                     if let Some(evt) = self.notify.get(value as usize)
                         && let Err(e) = evt.write(1)
                     {
-                        warn!("virtio-mmio: queue {value} notify failed: {e}");
+                        guest_warn!("virtio-mmio: queue {value} notify failed: {e}");
                     }
                 } else {
                     debug!("virtio-mmio: notify of queue {value} before DRIVER_OK ignored");
@@ -310,7 +312,7 @@ impl MmioTransport {
         }
         // The driver may only add bits (virtio 1.2, 2.1.2), except through a reset.
         if value & self.status != self.status {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: status {:#x} -> {value:#x} clears bits without a reset; ignored",
                 self.status
             );
@@ -329,7 +331,7 @@ impl MmioTransport {
                 let acked = self.acked_features;
                 if acked & !avail != 0 || acked & VIRTIO_F_VERSION_1 == 0 {
                     // Leaving FEATURES_OK clear is how the device refuses (virtio 1.2, 3.1.1).
-                    warn!("virtio-mmio: refusing features {acked:#x} (offered {avail:#x})");
+                    guest_warn!("virtio-mmio: refusing features {acked:#x} (offered {avail:#x})");
                     return;
                 }
                 self.device.set_acked_features(acked);
@@ -338,18 +340,18 @@ impl MmioTransport {
             DRIVER_OK if self.status == ACKNOWLEDGE | DRIVER | FEATURES_OK => {
                 self.status = value;
                 if let Err(e) = self.activate() {
-                    warn!(
+                    guest_warn!(
                         "virtio-mmio: cannot activate device type {}: {e}",
                         self.device.device_type()
                     );
                     self.status |= DEVICE_NEEDS_RESET;
                     if let Err(e) = self.interrupt.trigger(INT_CONFIG) {
-                        warn!("virtio-mmio: cannot raise config interrupt: {e}");
+                        guest_warn!("virtio-mmio: cannot raise config interrupt: {e}");
                     }
                 }
             }
             0 => {}
-            _ => warn!(
+            _ => guest_warn!(
                 "virtio-mmio: invalid status transition {:#x} -> {value:#x}",
                 self.status
             ),
@@ -385,7 +387,7 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if self.activated && !self.device.reset() {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: device type {} cannot be reset",
                 self.device.device_type()
             );
@@ -416,7 +418,7 @@ impl BusDevice for MmioTransport {
             if matches!(data.len(), 1 | 2 | 4 | 8) && end.is_some_and(|e| e <= MMIO_WINDOW_SIZE) {
                 self.device.read_config(offset - CONFIG_SPACE, data);
             } else {
-                warn!(
+                guest_warn!(
                     "virtio-mmio: bad config read at {offset:#x} len {}",
                     data.len()
                 );
@@ -424,7 +426,7 @@ impl BusDevice for MmioTransport {
             return;
         }
         if data.len() != 4 || offset & 3 != 0 {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: bad register read at {offset:#x} len {}",
                 data.len()
             );
@@ -439,7 +441,7 @@ impl BusDevice for MmioTransport {
             if matches!(data.len(), 1 | 2 | 4 | 8) && end.is_some_and(|e| e <= MMIO_WINDOW_SIZE) {
                 self.device.write_config(offset - CONFIG_SPACE, data);
             } else {
-                warn!(
+                guest_warn!(
                     "virtio-mmio: bad config write at {offset:#x} len {}",
                     data.len()
                 );
@@ -447,14 +449,14 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            warn!(
+            guest_warn!(
                 "virtio-mmio: bad register write at {offset:#x} len {}",
                 data.len()
             );
             return;
         };
         if offset & 3 != 0 {
-            warn!("virtio-mmio: unaligned register write at {offset:#x}");
+            guest_warn!("virtio-mmio: unaligned register write at {offset:#x}");
             return;
         }
         self.write_reg(offset, u32::from_le_bytes(bytes));

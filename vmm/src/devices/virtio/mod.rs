@@ -20,6 +20,8 @@ pub mod rng;
 pub mod vsock;
 // Worker-thread plumbing shared by the devices above.
 mod worker;
+// Rate-limited warnings for what the guest can trigger.
+mod guest_log;
 
 pub use interrupt::Interrupt;
 

@@ -2,6 +2,8 @@
 //! getrandom(2).
 
 use tracing::{debug, warn};
+
+use super::guest_log::guest_warn;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes};
 
@@ -75,7 +77,7 @@ impl QueueHandler for RngBackend {
             let head = chain.head_index();
             let len = Self::fill(mem, chain);
             if let Err(e) = queue.add_used(mem, head, len) {
-                warn!("virtio-rng: cannot add used entry: {e}");
+                guest_warn!("virtio-rng: cannot add used entry: {e}");
             }
             used = true;
         }

@@ -17,6 +17,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use super::guest_log::guest_warn;
 use super::{GuestMemory, Interrupt, interrupt::INT_VRING};
 
 /// How long a reset waits for a worker to hand its state back. The vCPU that wrote the
@@ -133,7 +134,7 @@ pub(crate) fn rearm(mem: &GuestMemory, queue: &mut Queue, interrupt: &Interrupt)
         },
         Ok(false) => false,
         Err(e) => {
-            warn!("virtio queue: cannot enable notifications: {e}");
+            guest_warn!("virtio queue: cannot enable notifications: {e}");
             false
         }
     }
@@ -150,7 +151,7 @@ pub(crate) fn drain_queue(
     let mut used = false;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
-            warn!("virtio queue: cannot disable notifications: {e}");
+            guest_warn!("virtio queue: cannot disable notifications: {e}");
         }
         used |= process(mem, queue);
         if !rearm(mem, queue, interrupt) {

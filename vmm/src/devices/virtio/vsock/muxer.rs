@@ -20,6 +20,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
+
+use crate::devices::virtio::guest_log::guest_warn;
 use virtio_queue::{Queue, QueueOwnedT, QueueT};
 use virtio_vsock::packet::VsockPacket;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -222,16 +224,16 @@ impl Muxer {
                 Ok((s, _)) => s,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) => {
-                    warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
+                    guest_warn!("vsock: accept on {} failed: {e}", self.uds_path.display());
                     return;
                 }
             };
             if self.handshakes.len() >= MAX_HANDSHAKES || self.conns.len() >= MAX_CONNECTIONS {
-                warn!("vsock: too many host connections; refusing one");
+                guest_warn!("vsock: too many host connections; refusing one");
                 continue;
             }
             if let Err(e) = stream.set_nonblocking(true) {
-                warn!("vsock: cannot make host stream non-blocking: {e}");
+                guest_warn!("vsock: cannot make host stream non-blocking: {e}");
                 continue;
             }
             let fd = stream.as_raw_fd();
@@ -240,7 +242,7 @@ impl Muxer {
                 fd,
                 EpollEvent::new(EventSet::IN, fd as u64),
             ) {
-                warn!("vsock: cannot watch host stream: {e}");
+                guest_warn!("vsock: cannot watch host stream: {e}");
                 continue;
             }
             self.handshakes.insert(
@@ -303,14 +305,14 @@ impl Muxer {
             fd,
             EpollEvent::new(EventSet::empty(), fd as u64),
         ) {
-            warn!("vsock: epoll modify failed: {e}");
+            guest_warn!("vsock: epoll modify failed: {e}");
             let _ = self
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
             return;
         }
         let Some(local_port) = self.allocate_local_port() else {
-            warn!("vsock: no free host port");
+            guest_warn!("vsock: no free host port");
             let _ = self
                 .epoll
                 .ctl(ControlOperation::Delete, fd, EpollEvent::default());
@@ -419,7 +421,7 @@ impl Muxer {
                     EpollEvent::new(EventSet::from_bits_truncate(wanted), fd as u64),
                 ) {
                     Ok(()) => conn.interest = Some(wanted),
-                    Err(e) => warn!("vsock {key:?}: epoll modify failed: {e}"),
+                    Err(e) => guest_warn!("vsock {key:?}: epoll modify failed: {e}"),
                 }
             }
         }
@@ -460,7 +462,7 @@ impl Muxer {
 
     fn push_ctrl(&mut self, h: Header) {
         if self.ctrl.len() >= MAX_CTRL_QUEUE {
-            warn!("vsock: control queue full, dropping {h:?}");
+            guest_warn!("vsock: control queue full, dropping {h:?}");
             return;
         }
         self.ctrl.push_back(h);
@@ -481,7 +483,7 @@ impl Muxer {
                 Err(e) => debug!("vsock: malformed TX packet dropped: {e}"),
             }
             if let Err(e) = queue.add_used(mem, head, 0) {
-                warn!("vsock: cannot add used entry: {e}");
+                guest_warn!("vsock: cannot add used entry: {e}");
             }
             used = true;
         }
@@ -563,7 +565,7 @@ impl Muxer {
 
     fn guest_connect(&mut self, key: ConnKey, hdr: &Header) {
         if self.conns.len() >= MAX_CONNECTIONS {
-            warn!("vsock: too many connections; refusing guest request");
+            guest_warn!("vsock: too many connections; refusing guest request");
             self.push_ctrl(hdr.reset_reply());
             return;
         }
@@ -586,7 +588,7 @@ impl Muxer {
             )
         });
         if let Err(e) = registered {
-            warn!("vsock: cannot set up host stream: {e}");
+            guest_warn!("vsock: cannot set up host stream: {e}");
             self.push_ctrl(hdr.reset_reply());
             return;
         }
@@ -615,7 +617,7 @@ impl Muxer {
                 Err(e) => {
                     debug!("vsock: unusable RX buffer: {e}");
                     if let Err(e) = queue.add_used(mem, head, 0) {
-                        warn!("vsock: cannot add used entry: {e}");
+                        guest_warn!("vsock: cannot add used entry: {e}");
                     }
                     used = true;
                     continue;
@@ -632,7 +634,7 @@ impl Muxer {
                 0
             };
             if let Err(e) = queue.add_used(mem, head, len) {
-                warn!("vsock: cannot add used entry: {e}");
+                guest_warn!("vsock: cannot add used entry: {e}");
             }
             used = true;
         }
