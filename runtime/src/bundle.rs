@@ -125,6 +125,8 @@ pub enum NamespaceMapping {
     /// The entry is removed: the container stays in the agent's namespace of that type
     /// (e.g. a pod's network namespace, which is the VM's own).
     Inherit,
+    /// The spec cannot be honoured in a VM: creating the container fails with this reason.
+    Refuse(String),
 }
 
 /// How host resources that a spec names reach the guest (the CLI's is
@@ -161,16 +163,20 @@ pub fn guest_spec(
         .and_then(|l| l.get_mut("namespaces"))
         .and_then(Value::as_array_mut)
     {
-        namespaces.retain_mut(|ns| {
+        let mut kept = Vec::with_capacity(namespaces.len());
+        for (i, mut ns) in std::mem::take(namespaces).into_iter().enumerate() {
             let Some(obj) = ns.as_object_mut() else {
-                return true;
+                kept.push(ns);
+                continue;
             };
             let Some(path) = obj.get("path").and_then(Value::as_str).map(str::to_owned) else {
-                return true;
+                kept.push(ns);
+                continue;
             };
             if path.is_empty() {
                 obj.remove("path");
-                return true;
+                kept.push(ns);
+                continue;
             }
             let kind = obj
                 .get("type")
@@ -180,7 +186,7 @@ pub fn guest_spec(
             match mapping.namespace(&kind, &path) {
                 NamespaceMapping::Join(guest) => {
                     obj.insert("path".into(), Value::String(guest));
-                    true
+                    kept.push(ns);
                 }
                 NamespaceMapping::New => {
                     // A path names a host namespace (e.g. podman's /run/netns/...), which
@@ -189,11 +195,17 @@ pub fn guest_spec(
                     warnings.push(format!(
                         "{kind} namespace path {path} is a host namespace, not available in the VM; a new one is created in the guest"
                     ));
-                    true
+                    kept.push(ns);
                 }
-                NamespaceMapping::Inherit => false,
+                NamespaceMapping::Inherit => {}
+                NamespaceMapping::Refuse(why) => {
+                    return Err(format!(
+                        "linux.namespaces[{i}]: {kind} namespace path {path}: {why}"
+                    ));
+                }
             }
-        });
+        }
+        *namespaces = kept;
     }
     if let Some(mounts) = spec.get_mut("mounts").and_then(Value::as_array_mut) {
         let mut kept = Vec::with_capacity(mounts.len());
@@ -341,6 +353,27 @@ mod tests {
         assert_eq!(warnings.len(), 3, "{warnings:?}");
         assert!(warnings[0].contains("/run/netns/x"), "{warnings:?}");
         assert!(warnings[1].contains("/etc/hosts"), "{warnings:?}");
+    }
+
+    #[test]
+    fn a_refused_namespace_path_fails_naming_the_entry() {
+        struct NoJoin;
+        impl HostMapping for NoJoin {
+            fn namespace(&mut self, kind: &str, _: &str) -> NamespaceMapping {
+                NamespaceMapping::Refuse(format!("a VM cannot join a host {kind} namespace"))
+            }
+            fn bind(&mut self, _: &str, _: &str, _: &[String]) -> Result<Option<String>, String> {
+                Ok(None)
+            }
+        }
+        let mut c = good();
+        c["linux"] =
+            json!({"namespaces": [{"type": "pid"}, {"type": "ipc", "path": "/proc/9/ns/ipc"}]});
+        let err = guest_spec(&c, &mut NoJoin).unwrap_err();
+        assert_eq!(
+            err,
+            "linux.namespaces[1]: ipc namespace path /proc/9/ns/ipc: a VM cannot join a host ipc namespace"
+        );
     }
 
     #[test]

@@ -55,8 +55,12 @@ pub struct HostBind {
 }
 
 /// The CLI's `HostMapping`: every host bind becomes `binds/<n>` of the shared folder (the
-/// guest binds it where the spec says, with the spec's options and propagation); namespace
-/// paths name host namespaces the VM cannot join, so the guest makes new ones.
+/// guest binds it where the spec says, with the spec's options and propagation). A
+/// namespace path names a host namespace, which no process in the VM can join: a
+/// network path leaves the container with a network namespace of its own in the guest
+/// (the CLI's VM has no NIC; a warning says so), any other type fails the create, since
+/// sharing pids, IPC, hostname, mounts, users or cgroups with a host process is
+/// impossible across the VM boundary.
 #[derive(Debug, Default)]
 pub struct SharedBinds {
     pub binds: Vec<HostBind>,
@@ -65,8 +69,8 @@ pub struct SharedBinds {
 }
 
 impl HostMapping for SharedBinds {
-    fn namespace(&mut self, _kind: &str, _path: &str) -> NamespaceMapping {
-        NamespaceMapping::New
+    fn namespace(&mut self, kind: &str, _path: &str) -> NamespaceMapping {
+        namespace_in_a_vm(kind)
     }
 
     fn bind(
@@ -90,6 +94,17 @@ impl HostMapping for SharedBinds {
         Ok(Some(format!(
             "sandbox://mounts/{SHARE_TAG}/{BINDS_DIR}/{n}"
         )))
+    }
+}
+
+/// What a host namespace path of type `kind` becomes for a container alone in its VM.
+pub fn namespace_in_a_vm(kind: &str) -> NamespaceMapping {
+    if kind == "network" {
+        NamespaceMapping::New
+    } else {
+        NamespaceMapping::Refuse(format!(
+            "a host {kind} namespace cannot be joined from inside a VM (each husk container has its own kernel); remove the path to get a new {kind} namespace in the guest"
+        ))
     }
 }
 
@@ -301,6 +316,31 @@ mod tests {
                 && err.contains("No such file"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn host_namespace_paths_in_a_vm() {
+        let spec = json!({"linux": {"namespaces": [
+            {"type": "network", "path": "/run/netns/cni-1"},
+            {"type": "pid"},
+        ]}});
+        let (guest, warnings) = guest_spec(&spec, &mut SharedBinds::default()).unwrap();
+        assert_eq!(
+            guest["linux"]["namespaces"],
+            json!([{"type": "network"}, {"type": "pid"}])
+        );
+        assert!(warnings[0].contains("/run/netns/cni-1"), "{warnings:?}");
+        for kind in ["ipc", "uts", "pid", "mount", "user", "cgroup"] {
+            let spec = json!({"linux": {"namespaces": [
+                {"type": "network"},
+                {"type": kind, "path": "/proc/1/ns/x"},
+            ]}});
+            let err = guest_spec(&spec, &mut SharedBinds::default()).unwrap_err();
+            assert!(
+                err.starts_with(&format!("linux.namespaces[1]: {kind} namespace path /proc/1/ns/x: a host {kind} namespace cannot be joined")),
+                "{err}"
+            );
+        }
     }
 
     #[test]

@@ -2,7 +2,8 @@
 //! the container through virtio-fs, with the spec's options: a folder read and written
 //! through, a file, a read-only folder that stays read-only below its submounts, and
 //! propagation and `nosuid` honoured in the guest. In block mode, so virtiofsd serves the
-//! binds alone. One VM boot; a missing source fails the create before any boot.
+//! binds alone. One VM boot; a missing source and a host IPC namespace path fail the
+//! create before any boot.
 
 use std::process::Stdio;
 
@@ -137,4 +138,25 @@ fn host_binds_reach_the_container_with_their_options() {
         "{stderr}"
     );
     assert!(!husk.root().join("vol2").exists(), "state removed");
+
+    // A host namespace other than the network's cannot be joined from a VM: an error
+    // naming the entry, not a container quietly given a namespace of its own.
+    let mut config = spec(&["true"], true);
+    config["linux"]["namespaces"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!({"type": "ipc", "path": "/proc/1/ns/ipc"}));
+    b.write_config(&config).unwrap();
+    let out = husk
+        .command(&["run", "--bundle", b.path(), "vol3"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("husk run");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_ne!(out.status.code(), Some(0));
+    assert!(
+        stderr.contains("ipc namespace path /proc/1/ns/ipc: a host ipc namespace cannot be joined"),
+        "{stderr}"
+    );
+    assert!(!husk.root().join("vol3").exists(), "state removed");
 }
