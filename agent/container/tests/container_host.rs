@@ -843,7 +843,10 @@ fn in_wait_syscall(pid: Pid) -> bool {
     let Ok(line) = std::fs::read_to_string(format!("/proc/{pid}/syscall")) else {
         return false;
     };
-    let nr = line.split_whitespace().next().and_then(|n| n.parse::<i64>().ok());
+    let nr = line
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse::<i64>().ok());
     nr == Some(libc::SYS_wait4) || nr == Some(libc::SYS_rt_sigsuspend)
 }
 
