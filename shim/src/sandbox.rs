@@ -31,7 +31,10 @@ const FS_SOCKET: &str = "fs.sock";
 /// the sandbox's shm folder into each container).
 pub use husk_runtime::volumes::{SHM_MOUNT, SHM_OPTIONS};
 const VIRTIOFSD_START_TIMEOUT: Duration = Duration::from_secs(10);
-const STOP_TIMEOUT: Duration = Duration::from_secs(10);
+const STOP_TIMEOUT: Duration = Duration::from_secs(4);
+/// DestroySandbox and the wait for the VM after it fit in containerd's 10 s for a delete;
+/// a VM that has not stopped by then ends with the shim process.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// How containers' root file systems reach the guest.
 pub enum RootfsShare<'a> {
@@ -223,7 +226,7 @@ impl Sandbox {
         if self.is_stopped() {
             return;
         }
-        let client = self.client.clone().with_rpc_timeout(Duration::from_secs(5));
+        let client = self.client.clone().with_rpc_timeout(DESTROY_TIMEOUT);
         if let Err(e) = client.destroy_sandbox().await {
             tracing::warn!("DestroySandbox: {e}");
         }

@@ -627,12 +627,31 @@ impl Inner {
         }
 
         c.set_deleted();
-        if let Err(e) = c.sandbox().client().remove_container(&c.id).await
+        // The VM's own container takes the VM with it: removing it in the guest first
+        // would only spend the delete's time (containerd allows 10 s) on a guest that may
+        // be slow or hung.
+        if !c.owns_vm()
+            && let Err(e) = c.sandbox().client().remove_container(&c.id).await
             && !c.sandbox().is_stopped()
         {
             tracing::warn!("removing container {} in the VM: {e}", c.id);
         }
         self.release(&c).await;
+        if c.owns_vm() {
+            // With the VM gone this shim serves nothing. containerd sends Shutdown right
+            // after the delete; if it gave up on a slow delete it never does, and the shim
+            // would linger: exit on our own after a grace period.
+            let exit = Arc::clone(&self.exit);
+            let shim_id = self.shim_id.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(ORPHAN_GRACE).await;
+                tracing::warn!(
+                    shim = %shim_id,
+                    "no Shutdown {ORPHAN_GRACE:?} after the VM's container was deleted; exiting"
+                );
+                exit.signal();
+            });
+        }
         lock(&self.containers).remove(&c.id);
         let event = TaskDelete {
             container_id: c.id.clone(),
@@ -794,6 +813,9 @@ impl Inner {
         Ok(())
     }
 }
+
+/// How long a shim whose VM is gone waits for containerd's Shutdown before it exits.
+const ORPHAN_GRACE: Duration = Duration::from_secs(10);
 
 /// The spec's `linux.cgroupsPath`, if any.
 fn cgroups_path(spec: &serde_json::Value) -> Option<String> {
