@@ -264,6 +264,13 @@ impl Inner {
         let run_dir = Path::new(RUN_ROOT).join(std::process::id().to_string());
         std::fs::create_dir_all(&run_dir)
             .map_err(|e| anyhow::anyhow!("creating {}: {e}", run_dir.display()))?;
+        // Owner-only whatever the umask: it holds vm.sock (the agent's API) and fs.sock
+        // (virtiofsd's, the shared folder as root).
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))
+                .map_err(|e| anyhow::anyhow!("making {} private: {e}", run_dir.display()))?;
+        }
         let mut shared = None;
         let mut cgroup = None;
         let mut network = None;

@@ -114,6 +114,13 @@ impl Muxer {
             }
             Err(e) => return Err(bind_err(e)),
         };
+        // Whoever can connect drives the agent's API (root in every container): owner only,
+        // whatever the umask was at bind.
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(uds_path, std::fs::Permissions::from_mode(0o600))
+                .map_err(bind_err)?;
+        }
         listener.set_nonblocking(true).map_err(bind_err)?;
         let epoll = Epoll::new().map_err(VsockError::Epoll)?;
         epoll

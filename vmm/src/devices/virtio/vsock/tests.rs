@@ -258,6 +258,22 @@ fn read_nonblocking(s: &mut UnixStream) -> Result<Vec<u8>, ErrorKind> {
     r
 }
 
+/// The socket gives the agent's API: owner-only even when the caller's umask is 000.
+#[test]
+fn the_socket_is_owner_only_under_any_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = TempDir::new_with_prefix("/tmp/husk-vsock").unwrap();
+    let path = dir.as_path().join("v.sock");
+    // SAFETY: umask only swaps the process's file mode mask.
+    let old = unsafe { libc::umask(0) };
+    let mux = Muxer::new(GUEST_CID, &path);
+    // SAFETY: as above.
+    unsafe { libc::umask(old) };
+    let _mux = mux.unwrap();
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{mode:o}");
+}
+
 #[test]
 fn connect_line_parsing() {
     assert_eq!(parse_connect_line(b"CONNECT 1024"), Some(1024));
