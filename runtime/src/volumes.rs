@@ -256,6 +256,32 @@ pub fn make_read_only_recursively(target: &std::ffi::CStr) -> std::io::Result<()
     Ok(())
 }
 
+/// Makes the detached mount tree `tree` (from open_tree) read-only, every mount in it.
+pub fn make_tree_read_only(tree: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let attr = libc::mount_attr {
+        attr_set: libc::MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: `attr` outlives the call and its size is passed along; the path is empty.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const libc::mount_attr,
+            std::mem::size_of::<libc::mount_attr>(),
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 fn c_path(p: &Path) -> Result<CString, VolumeError> {
     CString::new(p.as_os_str().as_bytes()).map_err(|_| VolumeError::Nul(p.to_path_buf()))
 }

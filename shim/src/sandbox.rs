@@ -288,16 +288,15 @@ fn spawn_virtiofsd(spec: &Virtiofsd) -> Result<Child> {
         .arg(&spec.socket)
         .arg("--shared-dir")
         .arg(&spec.dir)
-        // The shim already runs as root in containerd's namespaces; virtiofsd's own
-        // sandbox (namespaces, pivot_root) is left for later hardening.
-        // Containers' rootfs and binds are mounts below the shared folder: announcing
-        // them gives each its own file system (and inode numbers) in the guest.
+        // virtiofsd's default namespace sandbox (pivot_root into the folder): the guest must
+        // not reach host files outside it. Binds made in the folder later reach that
+        // namespace through the folder's shared propagation (`share`). Containers' rootfs
+        // and binds are mounts below the folder: announcing them gives each its own file
+        // system (and inode numbers) in the guest.
         .args([
             "--announce-submounts",
             "--cache",
             "auto",
-            "--sandbox",
-            "none",
             "--log-level",
             "warn",
         ])

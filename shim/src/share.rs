@@ -4,12 +4,16 @@
 //! (CRI's hosts, resolv.conf and hostname files, volumes). The guest mounts the share once,
 //! at boot, and sees containers come and go under it (Kata's shared-folder model).
 //!
-//! The folder is a private mount of its own, so the binds made under it do not propagate
-//! into other mount namespaces. Removal unmounts everything below it first and refuses to
-//! delete while anything is still mounted there: a recursive delete through a live bind
-//! would delete the user's files.
+//! The folder is a mount of its own in a peer group of its own (shared): virtiofsd, in the
+//! mount namespace of its sandbox (a slave copy made at its start), sees every bind made
+//! here later, and nothing made below it leaks into the host's other mounts. Each bind is
+//! built as a detached tree and made read-only (all the way down) before it is attached,
+//! because a later read-only remount would not reach virtiofsd's copy. Removal unmounts
+//! everything below first and refuses to delete while anything is still mounted there: a
+//! recursive delete through a live bind would delete the user's files.
 
 use std::fs::File;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -28,7 +32,7 @@ pub struct SharedDir {
 }
 
 impl SharedDir {
-    /// Creates `root` as a private mount point (a bind of itself).
+    /// Creates `root` as a mount point (a bind of itself) in a new peer group.
     pub fn create(root: &Path) -> Result<Self> {
         std::fs::create_dir_all(root)
             .with_context(|| format!("creating the shared folder {}", root.display()))?;
@@ -40,15 +44,14 @@ impl SharedDir {
             None::<&str>,
         )
         .with_context(|| format!("bind-mounting the shared folder {}", root.display()))?;
-        if let Err(e) = mount(
-            None::<&str>,
-            root,
-            None::<&str>,
-            MsFlags::MS_PRIVATE,
-            None::<&str>,
-        ) {
-            let _ = umount2(root, MntFlags::MNT_DETACH);
-            return Err(e).with_context(|| format!("making {} a private mount", root.display()));
+        // Private first, to leave the parent's peer group; then shared: a group of its own
+        // that virtiofsd's namespace copy follows.
+        for flag in [MsFlags::MS_PRIVATE, MsFlags::MS_SHARED] {
+            if let Err(e) = mount(None::<&str>, root, None::<&str>, flag, None::<&str>) {
+                let _ = umount2(root, MntFlags::MNT_DETACH);
+                return Err(e)
+                    .with_context(|| format!("setting the propagation of {}", root.display()));
+            }
         }
         Ok(Self {
             root: root.to_path_buf(),
@@ -125,25 +128,51 @@ impl SharedDir {
     }
 }
 
+/// open_tree(2) and move_mount(2) flags (not in the libc crate).
+const OPEN_TREE_CLONE: libc::c_uint = 1;
+const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+
+/// Binds `source` (recursively) at `target`. The copy is made as a detached tree and, when
+/// `read_only`, made read-only with every mount below it before it is attached: attached
+/// first, it would propagate writable to virtiofsd's namespace, and a read-only remount
+/// afterwards does not propagate.
 fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
-    mount(
-        Some(source),
-        target,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .with_context(|| format!("binding {} at {}", source.display(), target.display()))?;
+    let what = || format!("binding {} at {}", source.display(), target.display());
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)
+    };
+    let (src, tgt) = (c(source).with_context(what)?, c(target).with_context(what)?);
+    // SAFETY: valid C strings; the returned fd is owned below.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_open_tree,
+            libc::AT_FDCWD,
+            src.as_ptr(),
+            OPEN_TREE_CLONE | libc::O_CLOEXEC as libc::c_uint | libc::AT_RECURSIVE as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error()).with_context(what);
+    }
+    // SAFETY: open_tree returned a new fd that nothing else owns.
+    let tree = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
     if read_only {
-        // Recursively: a plain read-only remount would leave mounts below the volume
-        // writable for the guest.
-        let made = std::ffi::CString::new(target.as_os_str().as_encoded_bytes())
-            .map_err(std::io::Error::other)
-            .and_then(|t| husk_runtime::volumes::make_read_only_recursively(&t));
-        if let Err(e) = made {
-            let _ = umount2(target, MntFlags::MNT_DETACH);
-            return Err(e).with_context(|| format!("making {} read-only", target.display()));
-        }
+        husk_runtime::volumes::make_tree_read_only(tree.as_fd())
+            .with_context(|| format!("making the bind of {} read-only", source.display()))?;
+    }
+    // SAFETY: valid fd and C strings.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_move_mount,
+            tree.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_FDCWD,
+            tgt.as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(what);
     }
     Ok(())
 }
@@ -291,9 +320,28 @@ mod tests {
             None::<&str>,
         )
         .unwrap();
+        // A namespace made like virtiofsd's sandbox (a slave copy) before the bind exists.
+        let mut ns = std::process::Command::new("unshare")
+            .args(["-m", "--propagation", "slave", "sh", "-c"])
+            .arg(format!(
+                "read go; touch {0}/c1/binds/3/x {0}/c1/binds/3/sub/x 2>&1; ls {0}/c1/binds/3",
+                share.path().display()
+            ))
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(300));
         share.add_bind("c1", 3, &volume, true).unwrap();
         let err = std::fs::write(share.path().join("c1/binds/3/sub/x"), "x").unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EROFS), "{err}");
+        use std::io::Write;
+        ns.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let out = ns.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&out.stdout);
+        // The copy arrived (its files are listed) and is read-only there too, below as well.
+        assert!(out.contains("keep") && out.contains("sub"), "{out}");
+        assert_eq!(out.matches("Read-only file system").count(), 2, "{out}");
         std::fs::write(sub.join("x"), "host").unwrap();
         umount2(&sub, MntFlags::MNT_DETACH).unwrap();
 
