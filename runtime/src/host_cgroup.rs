@@ -429,7 +429,8 @@ impl HostCgroup {
     }
 
     /// Moves the process back to where it started and removes the cgroup if we made it.
-    /// Idempotent.
+    /// Called when the VM is done with: whatever is still in a cgroup we made is the VM's
+    /// (virtiofsd, when the VM did not stop in time) and is killed first. Idempotent.
     pub fn leave(&self) {
         if self.left.swap(true, std::sync::atomic::Ordering::SeqCst) {
             return;
@@ -438,12 +439,9 @@ impl HostCgroup {
             if let Err(e) = move_self(&p.origin) {
                 tracing::warn!("{e:#}");
             }
-            if p.created
-                && let Err(e) = std::fs::remove_dir(&p.path)
-            {
-                tracing::warn!("removing the cgroup {}: {e}", p.path.display());
-            }
         }
+        let made: Vec<PathBuf> = self.created_paths().map(Path::to_path_buf).collect();
+        remove_killing_members(&made, LEAVE_WAIT);
     }
 }
 
@@ -512,7 +510,13 @@ pub fn remove_after_crash(cgroups_path: &str) -> Vec<String> {
 /// virtiofsd, or the process itself while the kernel is still tearing it down): it is
 /// killed, and the removal retried for a few seconds. Returns what could not be removed.
 pub fn remove_paths_after_crash(paths: &[PathBuf]) -> Vec<String> {
-    let deadline = std::time::Instant::now() + CRASH_CLEANUP_WAIT;
+    remove_killing_members(paths, CRASH_CLEANUP_WAIT)
+}
+
+/// Removes each cgroup folder, killing what is left in it, retrying for up to `wait` while
+/// the killed processes exit. Returns what could not be removed (also logged).
+fn remove_killing_members(paths: &[PathBuf], wait: std::time::Duration) -> Vec<String> {
+    let deadline = std::time::Instant::now() + wait;
     let mut failed = Vec::new();
     for path in paths {
         loop {
@@ -536,6 +540,9 @@ pub fn remove_paths_after_crash(paths: &[PathBuf]) -> Vec<String> {
     }
     failed
 }
+
+/// How long leaving waits for the VM's leftovers to die (inside containerd's 10 s delete).
+const LEAVE_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// How long `delete` waits for a dead process's cgroup to empty.
 const CRASH_CLEANUP_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
@@ -838,10 +845,21 @@ mod tests {
                 h.mount.display()
             );
         }
+        // A child started in the cgroup (virtiofsd, when the VM did not stop in time)
+        // is killed by leaving, so the cgroup can go.
+        let mut leftover = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
         cg.leave();
         assert_eq!(hierarchies().unwrap(), before);
         for p in placed {
-            assert!(!p.exists());
+            assert!(!p.exists(), "{} left", p.display());
         }
+        let status = leftover.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
     }
 }

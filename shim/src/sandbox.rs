@@ -31,10 +31,11 @@ const FS_SOCKET: &str = "fs.sock";
 /// the sandbox's shm folder into each container).
 pub use husk_runtime::volumes::{SHM_MOUNT, SHM_OPTIONS};
 const VIRTIOFSD_START_TIMEOUT: Duration = Duration::from_secs(10);
-const STOP_TIMEOUT: Duration = Duration::from_secs(4);
-/// DestroySandbox and the wait for the VM after it fit in containerd's 10 s for a delete;
-/// a VM that has not stopped by then ends with the shim process.
-const DESTROY_TIMEOUT: Duration = Duration::from_secs(4);
+/// DestroySandbox (a slow nested guest takes 5 s and more), the wait for the VM after it
+/// and the host cgroup's removal (2 s) fit in containerd's 10 s for a delete; a VM that has
+/// not stopped by then ends with the shim process, its virtiofsd is killed.
+const DESTROY_TIMEOUT: Duration = Duration::from_secs(5);
+const STOP_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// How containers' root file systems reach the guest.
 pub enum RootfsShare<'a> {
