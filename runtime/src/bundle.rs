@@ -36,6 +36,10 @@ pub enum BundleError {
     },
     #[error("{path}: rootfs {rootfs} (root.path) does not exist or is not a directory")]
     MissingRootfs { path: PathBuf, rootfs: PathBuf },
+    #[error(
+        "{path}: rootfs {rootfs} (root.path) is the host's root directory; husk does not hand the whole host file system to a VM"
+    )]
+    HostRoot { path: PathBuf, rootfs: PathBuf },
 }
 
 /// A loaded bundle.
@@ -82,6 +86,11 @@ impl Bundle {
         };
         if !rootfs.is_dir() {
             return Err(BundleError::MissingRootfs { path, rootfs });
+        }
+        // The rootfs is shared with the guest (read-write in virtio-fs mode): `/`, however
+        // spelled (`/`, `/..`, a symlink to it), would give a hostile guest the host.
+        if std::fs::canonicalize(&rootfs).is_ok_and(|r| r == Path::new("/")) {
+            return Err(BundleError::HostRoot { path, rootfs });
         }
         Ok(Self {
             dir,
@@ -293,6 +302,24 @@ mod tests {
         let dir = write_bundle(&c, true);
         let err = Bundle::load(dir.path()).unwrap_err().to_string();
         assert!(err.contains("linux.namespaces[0].type"), "{err}");
+    }
+
+    #[test]
+    fn the_host_root_is_refused_as_rootfs() {
+        for root in ["/", "/..", "/usr/.."] {
+            let mut c = good();
+            c["root"]["path"] = json!(root);
+            let dir = write_bundle(&c, false);
+            let err = Bundle::load(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("is the host's root directory"),
+                "{root}: {err}"
+            );
+        }
+        let dir = write_bundle(&good(), false);
+        std::os::unix::fs::symlink("/", dir.path().join("rootfs")).unwrap();
+        let err = Bundle::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("is the host's root directory"), "{err}");
     }
 
     #[test]
