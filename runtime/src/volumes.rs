@@ -233,6 +233,21 @@ impl SharedFolder {
 /// Makes the mount at `target` and every mount below it read-only. A plain
 /// `MS_REMOUNT|MS_RDONLY` changes only the top mount and leaves submounts writable.
 pub fn make_read_only_recursively(target: &std::ffi::CStr) -> std::io::Result<()> {
+    set_read_only_recursively(libc::AT_FDCWD, target, 0)
+}
+
+/// Makes the detached mount tree `tree` (from open_tree) read-only, every mount in it.
+pub fn make_tree_read_only(tree: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    set_read_only_recursively(tree.as_raw_fd(), c"", libc::AT_EMPTY_PATH)
+}
+
+/// mount_setattr(2) with MOUNT_ATTR_RDONLY and AT_RECURSIVE on `dirfd`/`path`.
+fn set_read_only_recursively(
+    dirfd: libc::c_int,
+    path: &std::ffi::CStr,
+    flags: libc::c_int,
+) -> std::io::Result<()> {
     let attr = libc::mount_attr {
         attr_set: libc::MOUNT_ATTR_RDONLY,
         attr_clr: 0,
@@ -243,35 +258,9 @@ pub fn make_read_only_recursively(target: &std::ffi::CStr) -> std::io::Result<()
     let r = unsafe {
         libc::syscall(
             libc::SYS_mount_setattr,
-            libc::AT_FDCWD,
-            target.as_ptr(),
-            libc::AT_RECURSIVE,
-            &attr as *const libc::mount_attr,
-            std::mem::size_of::<libc::mount_attr>(),
-        )
-    };
-    if r != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
-}
-
-/// Makes the detached mount tree `tree` (from open_tree) read-only, every mount in it.
-pub fn make_tree_read_only(tree: std::os::fd::BorrowedFd<'_>) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let attr = libc::mount_attr {
-        attr_set: libc::MOUNT_ATTR_RDONLY,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: 0,
-    };
-    // SAFETY: `attr` outlives the call and its size is passed along; the path is empty.
-    let r = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            tree.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            dirfd,
+            path.as_ptr(),
+            flags | libc::AT_RECURSIVE,
             &attr as *const libc::mount_attr,
             std::mem::size_of::<libc::mount_attr>(),
         )
