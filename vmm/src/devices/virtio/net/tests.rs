@@ -439,6 +439,38 @@ fn config_space_features_and_queues() {
     assert_eq!(past, [0; 4], "no fields past status");
 }
 
+/// Drives the transport through feature negotiation (`features_low` in word 0, VERSION_1
+/// in word 1) and queue set-up for the RX and TX mock queues, to DRIVER_OK.
+fn bring_up(
+    t: &mut crate::devices::virtio::mmio::MmioTransport,
+    features_low: u32,
+    queues: [&MockSplitQueue<'_, GuestMemory>; 2],
+) {
+    use crate::devices::bus::BusDevice;
+    use crate::devices::virtio::mmio::status;
+    let mut wr = |off: u64, v: u32| t.write(off, &v.to_le_bytes());
+    wr(0x70, status::ACKNOWLEDGE);
+    wr(0x70, status::ACKNOWLEDGE | status::DRIVER);
+    if features_low != 0 {
+        wr(0x24, 0);
+        wr(0x20, features_low);
+    }
+    wr(0x24, 1);
+    wr(0x20, 1);
+    let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
+    wr(0x70, ok);
+    for (i, vq) in queues.iter().enumerate() {
+        wr(0x30, i as u32);
+        wr(0x38, 16);
+        wr(0x80, vq.desc_table_addr().0 as u32);
+        wr(0x90, vq.avail_addr().0 as u32);
+        wr(0xa0, vq.used_addr().0 as u32);
+        wr(0x44, 1);
+    }
+    wr(0x70, ok | status::DRIVER_OK);
+    assert!(t.is_activated());
+}
+
 /// Through the MMIO transport and the worker thread: a frame each way, the RX frame held
 /// while the guest has no buffers and delivered on the queue kick, and a driver reset
 /// that keeps the tap for the next activation.
@@ -446,7 +478,7 @@ fn config_space_features_and_queues() {
 fn worker_moves_frames_both_ways_through_the_transport() {
     use crate::devices::bus::BusDevice;
     use crate::devices::virtio::Interrupt;
-    use crate::devices::virtio::mmio::{MmioTransport, status};
+    use crate::devices::virtio::mmio::MmioTransport;
     use std::time::Duration;
 
     let mem = mem();
@@ -459,26 +491,7 @@ fn worker_moves_frames_both_ways_through_the_transport() {
     let wr = |t: &mut MmioTransport, off: u64, v: u32| t.write(off, &v.to_le_bytes());
     let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
     let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
-    let bring_up = |t: &mut MmioTransport| {
-        wr(t, 0x70, status::ACKNOWLEDGE);
-        wr(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-        wr(t, 0x24, 0);
-        wr(t, 0x20, (1 << 5) | (1 << 16));
-        wr(t, 0x24, 1);
-        wr(t, 0x20, 1);
-        let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-        wr(t, 0x70, ok);
-        for (i, vq) in [&rxq, &txq].iter().enumerate() {
-            wr(t, 0x30, i as u32);
-            wr(t, 0x38, 16);
-            wr(t, 0x80, vq.desc_table_addr().0 as u32);
-            wr(t, 0x90, vq.avail_addr().0 as u32);
-            wr(t, 0xa0, vq.used_addr().0 as u32);
-            wr(t, 0x44, 1);
-        }
-        wr(t, 0x70, ok | status::DRIVER_OK);
-        assert!(t.is_activated());
-    };
+    let bring_up = |t: &mut MmioTransport| bring_up(t, (1 << 5) | (1 << 16), [&rxq, &txq]);
     bring_up(&mut t);
 
     // Host to guest, before the guest posted any buffer: held, then delivered on the kick.
@@ -554,23 +567,7 @@ fn an_impossible_rx_avail_index_needs_reset_and_a_reset_recovers() {
     let rxq = MockSplitQueue::create(&mem, GuestAddress(0x1_0000), 16);
     let txq = MockSplitQueue::create(&mem, GuestAddress(0x2_0000), 16);
     let ok = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK;
-    let bring_up = |t: &mut MmioTransport| {
-        wr(t, 0x70, status::ACKNOWLEDGE);
-        wr(t, 0x70, status::ACKNOWLEDGE | status::DRIVER);
-        wr(t, 0x24, 1);
-        wr(t, 0x20, 1);
-        wr(t, 0x70, ok);
-        for (i, vq) in [&rxq, &txq].iter().enumerate() {
-            wr(t, 0x30, i as u32);
-            wr(t, 0x38, 16);
-            wr(t, 0x80, vq.desc_table_addr().0 as u32);
-            wr(t, 0x90, vq.avail_addr().0 as u32);
-            wr(t, 0xa0, vq.used_addr().0 as u32);
-            wr(t, 0x44, 1);
-        }
-        wr(t, 0x70, ok | status::DRIVER_OK);
-        assert!(t.is_activated());
-    };
+    let bring_up = |t: &mut MmioTransport| bring_up(t, 0, [&rxq, &txq]);
     bring_up(&mut t);
 
     // A frame waits for a buffer; then the guest's avail index jumps 40 ahead of 16.
