@@ -120,24 +120,29 @@ fn host_binds_reach_the_container_with_their_options() {
     );
     assert!(!husk.root().join("vol1").exists(), "state removed");
 
+    // `husk run` of `config` fails before any boot and leaves no state; its stderr.
+    let refused = |config: &serde_json::Value, id: &str| -> String {
+        b.write_config(config).unwrap();
+        let out = husk
+            .command(&["run", "--bundle", b.path(), id])
+            .stdin(Stdio::null())
+            .output()
+            .expect("husk run");
+        assert_ne!(out.status.code(), Some(0));
+        assert!(!husk.root().join(id).exists(), "state removed");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+
     // A bind of a missing host path fails the create at once, naming it.
     let mut config = spec(&["true"], true);
     config["mounts"].as_array_mut().unwrap().push(
         json!({"destination": "/data", "type": "bind", "source": "/nonexistent/husk-volume"}),
     );
-    b.write_config(&config).unwrap();
-    let out = husk
-        .command(&["run", "--bundle", b.path(), "vol2"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("husk run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    let stderr = refused(&config, "vol2");
     assert!(
         stderr.contains("/data") && stderr.contains("/nonexistent/husk-volume"),
         "{stderr}"
     );
-    assert!(!husk.root().join("vol2").exists(), "state removed");
 
     // A host namespace other than the network's cannot be joined from a VM: an error
     // naming the entry, not a container quietly given a namespace of its own.
@@ -146,17 +151,9 @@ fn host_binds_reach_the_container_with_their_options() {
         .as_array_mut()
         .unwrap()
         .push(json!({"type": "ipc", "path": "/proc/1/ns/ipc"}));
-    b.write_config(&config).unwrap();
-    let out = husk
-        .command(&["run", "--bundle", b.path(), "vol3"])
-        .stdin(Stdio::null())
-        .output()
-        .expect("husk run");
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_ne!(out.status.code(), Some(0));
+    let stderr = refused(&config, "vol3");
     assert!(
         stderr.contains("ipc namespace path /proc/1/ns/ipc: a host ipc namespace cannot be joined"),
         "{stderr}"
     );
-    assert!(!husk.root().join("vol3").exists(), "state removed");
 }
