@@ -33,6 +33,12 @@ pub fn collect() -> Result<GetGuestDetailsResponse, DetailsError> {
     details.agent_version = crate::VERSION.to_owned();
     details.boot_id = boot_id.trim().to_owned();
     details.uptime_ns = uptime_ns()?;
+    details.random_uuid = read_small("/proc/sys/kernel/random/uuid", 64)?
+        .trim()
+        .to_owned();
+    details.realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i64);
     Ok(details)
 }
 

@@ -11,6 +11,7 @@ mod logger;
 mod network;
 mod power;
 mod reaper;
+mod restore;
 mod service;
 mod stdio;
 

@@ -15,10 +15,11 @@ use husk_protocol::agent::{
     ExecProcessRequest, ExecProcessResponse, GetGuestDetailsRequest, GetGuestDetailsResponse,
     GetOOMEventRequest, GetOOMEventResponse, ListProcessesRequest, ListProcessesResponse,
     PauseContainerRequest, PauseContainerResponse, RemoveContainerRequest, RemoveContainerResponse,
-    ResumeContainerRequest, ResumeContainerResponse, ServingStatus, SignalProcessRequest,
-    SignalProcessResponse, StartContainerRequest, StartContainerResponse, StatsContainerRequest,
-    StatsContainerResponse, TtyWinResizeRequest, TtyWinResizeResponse, UpdateContainerRequest,
-    UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
+    RestoredRequest, RestoredResponse, ResumeContainerRequest, ResumeContainerResponse,
+    ServingStatus, SignalProcessRequest, SignalProcessResponse, StartContainerRequest,
+    StartContainerResponse, StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest,
+    TtyWinResizeResponse, UpdateContainerRequest, UpdateContainerResponse, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use husk_protocol::agent_ttrpc::AgentService;
 use tokio::sync::Notify;
@@ -93,6 +94,25 @@ impl AgentService for Agent {
         _req: GetGuestDetailsRequest,
     ) -> ttrpc::Result<GetGuestDetailsResponse> {
         crate::guest::collect().map_err(|e| internal("guest details", e))
+    }
+
+    async fn restored(
+        &self,
+        _ctx: &TtrpcContext,
+        req: RestoredRequest,
+    ) -> ttrpc::Result<RestoredResponse> {
+        crate::restore::reseed(&req.entropy).map_err(|e| match e {
+            crate::restore::RestoreError::EntropySize(_) => {
+                get_rpc_status(Code::INVALID_ARGUMENT, format!("Restored: {e}"))
+            }
+            other => internal("Restored: reseeding the CRNG", other),
+        })?;
+        let now = crate::restore::set_wall_clock(req.realtime_ns)
+            .map_err(|e| internal("Restored: setting the wall clock", e))?;
+        tracing::info!("restored from a snapshot: CRNG reseeded, wall clock set");
+        let mut resp = RestoredResponse::new();
+        resp.realtime_ns = now;
+        Ok(resp)
     }
 
     async fn destroy_sandbox(

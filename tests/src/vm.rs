@@ -92,6 +92,12 @@ impl Default for VmOptions {
     }
 }
 
+/// How a VMM process starts its guest.
+enum Launch<'a> {
+    Boot(&'a GuestImage),
+    Restore(&'a Path),
+}
+
 /// A running `husk-vmm`; killed and reaped on drop, its files removed with its temp dir.
 pub struct VmProcess {
     child: Child,
@@ -110,24 +116,49 @@ impl VmProcess {
     /// (A separate call rather than a `VmOptions` field, so that struct literals of
     /// `VmOptions` elsewhere keep compiling.)
     pub fn boot_with_fs(image: &GuestImage, opts: &VmOptions, fs: &[FsShare]) -> Result<Self> {
+        Self::spawn(Launch::Boot(image), opts, fs)
+    }
+
+    /// Starts `husk-vmm --restore` from a snapshot folder, with the devices of `opts` (which
+    /// must be those the snapshot was taken with).
+    pub fn restore(snapshot: &Path, opts: &VmOptions) -> Result<Self> {
+        Self::spawn(Launch::Restore(snapshot), opts, &[])
+    }
+
+    fn spawn(launch: Launch<'_>, opts: &VmOptions, fs: &[FsShare]) -> Result<Self> {
         let vmm = workspace::binary("husk-vmm")?;
         let dir = tempfile::Builder::new()
             .prefix("husk-vm-")
             .tempdir()
             .context("creating the VM's temp dir")?;
         let mut cmd = Command::new(&vmm);
-        cmd.arg("--kernel")
-            .arg(&image.kernel)
-            .arg("--initramfs")
-            .arg(&image.initramfs)
-            .arg("--memory-mib")
+        match launch {
+            Launch::Boot(image) => {
+                cmd.arg("--kernel")
+                    .arg(&image.kernel)
+                    .arg("--initramfs")
+                    .arg(&image.initramfs);
+                if !opts.cmdline.is_empty() {
+                    cmd.arg("--cmdline").arg(&opts.cmdline);
+                }
+            }
+            Launch::Restore(snapshot) => {
+                cmd.arg("--restore").arg(snapshot);
+            }
+        }
+        cmd.arg("--memory-mib")
             .arg(opts.memory_mib.to_string())
             .arg("--vcpus")
             .arg(opts.vcpus.to_string())
             .arg("--vsock-uds")
             .arg(dir.path().join("vsock.sock"))
+            .arg("--api-socket")
+            .arg(dir.path().join("api.sock"))
             .arg("--metrics-file")
             .arg(dir.path().join("metrics.jsonl"))
+            // HUSK_TEST_VMM_LOG=info|debug for a more talkative vmm.log in diagnostics.
+            .arg("--log-level")
+            .arg(std::env::var("HUSK_TEST_VMM_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::from(
@@ -144,9 +175,6 @@ impl VmProcess {
         for share in fs {
             cmd.arg("--fs").arg(share.arg()?);
         }
-        if !opts.cmdline.is_empty() {
-            cmd.arg("--cmdline").arg(&opts.cmdline);
-        }
         let started = Instant::now();
         let child = cmd
             .spawn()
@@ -157,6 +185,34 @@ impl VmProcess {
             dir,
             exit: None,
         })
+    }
+
+    /// Asks the VMM for a snapshot into `dir` over its API socket; returns its reply (the
+    /// figures) once the VMM has exited, as it does after a snapshot.
+    pub fn snapshot(&mut self, dir: &Path) -> Result<Value> {
+        use std::io::{BufRead, BufReader, Write};
+        let api = self.dir.path().join("api.sock");
+        let mut conn = std::os::unix::net::UnixStream::connect(&api)
+            .with_context(|| format!("connecting to {}", api.display()))?;
+        let request = serde_json::json!({ "action": "snapshot", "dir": dir });
+        writeln!(conn, "{request}").context("sending the snapshot request")?;
+        let mut line = String::new();
+        BufReader::new(conn)
+            .read_line(&mut line)
+            .context("reading the snapshot reply")?;
+        let reply: Value = serde_json::from_str(&line)
+            .with_context(|| format!("snapshot reply {line:?}: {}", self.diagnostics()))?;
+        if reply["ok"] != true {
+            bail!("snapshot refused: {reply}{}", self.diagnostics());
+        }
+        let status = self.wait_exit(Duration::from_secs(30))?;
+        if !status.success() {
+            bail!(
+                "husk-vmm exited {status} after the snapshot{}",
+                self.diagnostics()
+            );
+        }
+        Ok(reply)
     }
 
     pub fn pid(&self) -> u32 {

@@ -78,6 +78,14 @@ pub struct Cli {
     /// [default: warn].
     #[arg(long, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// Control socket (created, mode 0600) that takes snapshot requests (see docs/snapshots.md).
+    #[arg(long, value_name = "PATH")]
+    pub api_socket: Option<PathBuf>,
+    /// Restore the VM from the snapshot folder DIR instead of booting a kernel. The devices,
+    /// vCPUs and memory given must be those the snapshot was taken with; their host sides
+    /// (sockets, images, taps) may differ.
+    #[arg(long, value_name = "DIR")]
+    pub restore: Option<PathBuf>,
 }
 
 /// The JSON form of [`Cli`].
@@ -108,6 +116,9 @@ pub struct FileConfig {
     pub metrics_file: Option<PathBuf>,
     #[serde(alias = "log-level")]
     pub log_level: Option<String>,
+    #[serde(alias = "api-socket")]
+    pub api_socket: Option<PathBuf>,
+    pub restore: Option<PathBuf>,
 }
 
 /// `rng` in JSON may be a boolean or "on"/"off".
@@ -309,6 +320,10 @@ pub struct VmConfig {
     pub cpu_template: TemplateChoice,
     pub metrics_file: Option<PathBuf>,
     pub log_level: String,
+    pub api_socket: Option<PathBuf>,
+    /// Snapshot folder to restore from; the kernel, initramfs and command line are then
+    /// the snapshot's and `kernel` is empty.
+    pub restore: Option<PathBuf>,
 }
 
 /// A configuration problem, named so the user can fix it.
@@ -326,8 +341,12 @@ pub enum ConfigError {
         #[source]
         source: serde_json::Error,
     },
-    #[error("no kernel given (--kernel PATH)")]
+    #[error("no kernel given (--kernel PATH, or --restore DIR)")]
     NoKernel,
+    #[error(
+        "--kernel, --initramfs and --cmdline exclude --restore: a restored VM runs the snapshot's kernel"
+    )]
+    KernelWithRestore,
     #[error("--memory-mib {0}: at least {MIN_MEMORY_MIB} MiB are needed")]
     MemoryTooSmall(u64),
     #[error("--memory-mib {0}: at most {MAX_MEMORY_MIB} MiB are supported")]
@@ -389,7 +408,13 @@ impl Cli {
 
 /// Flags win over the file; then every value is checked.
 pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
-    let kernel = cli.kernel.or(file.kernel).ok_or(ConfigError::NoKernel)?;
+    let restore = cli.restore.or(file.restore);
+    let kernel = match (cli.kernel.or(file.kernel), &restore) {
+        (Some(k), None) => k,
+        (None, Some(_)) => PathBuf::new(),
+        (None, None) => return Err(ConfigError::NoKernel),
+        (Some(_), Some(_)) => return Err(ConfigError::KernelWithRestore),
+    };
     let memory_mib = cli
         .memory_mib
         .or(file.memory_mib)
@@ -476,9 +501,13 @@ pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
             "only printable ASCII is allowed".to_string(),
         ));
     }
+    let initramfs = cli.initramfs.or(file.initramfs);
+    if restore.is_some() && (initramfs.is_some() || !extra_cmdline.trim().is_empty()) {
+        return Err(ConfigError::KernelWithRestore);
+    }
     Ok(VmConfig {
         kernel,
-        initramfs: cli.initramfs.or(file.initramfs),
+        initramfs,
         extra_cmdline: extra_cmdline.trim().to_string(),
         memory_mib,
         vcpus: vcpus as u8,
@@ -494,6 +523,8 @@ pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
             .log_level
             .or(file.log_level)
             .unwrap_or_else(|| "warn".to_string()),
+        api_socket: cli.api_socket.or(file.api_socket),
+        restore,
     })
 }
 
@@ -583,7 +614,20 @@ mod tests {
     #[test]
     fn bad_values_name_the_problem() {
         let msg = |a: &[&str]| parse(a).unwrap_err().to_string();
-        assert_eq!(msg(&[]), "no kernel given (--kernel PATH)");
+        assert_eq!(
+            msg(&[]),
+            "no kernel given (--kernel PATH, or --restore DIR)"
+        );
+        for clash in [
+            &["--kernel", "k", "--restore", "/s"][..],
+            &["--restore", "/s", "--initramfs", "i"],
+            &["--restore", "/s", "--cmdline", "quiet"],
+        ] {
+            assert!(msg(clash).contains("exclude --restore"), "{clash:?}");
+        }
+        let restored = parse(&["--restore", "/s", "--api-socket", "/a"]).unwrap();
+        assert_eq!(restored.restore, Some("/s".into()));
+        assert_eq!(restored.api_socket, Some("/a".into()));
         assert!(msg(&["--kernel", "k", "--memory-mib", "32"]).contains("at least 64 MiB"));
         assert!(msg(&["--kernel", "k", "--vcpus", "0"]).contains("--vcpus 0"));
         assert!(msg(&["--kernel", "k", "--vcpus", "9"]).contains("between 1 and 8"));

@@ -12,6 +12,7 @@
 //! | 2 | the guest crashed: triple fault, KVM internal/emulation error, failed entry |
 //! | 128+N | stopped by signal N (SIGINT 130, SIGTERM 143) |
 
+pub mod api;
 pub mod arch;
 pub mod config;
 pub mod cpu_template;
@@ -20,6 +21,7 @@ pub mod host;
 pub mod loader;
 pub mod memory;
 pub mod metrics;
+pub mod persist;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

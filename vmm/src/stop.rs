@@ -19,13 +19,15 @@ pub enum StopReason {
     VmmError(String),
     /// The VMM received SIGTERM or SIGINT.
     Signal(i32),
+    /// A snapshot was taken (into the folder named); the VM ends with it.
+    Snapshotted(String),
 }
 
 impl StopReason {
     /// Process exit status for this reason; see the crate docs for the table.
     pub fn exit_code(&self) -> i32 {
         match self {
-            StopReason::GuestShutdown(_) => 0,
+            StopReason::GuestShutdown(_) | StopReason::Snapshotted(_) => 0,
             StopReason::VmmError(_) => 1,
             StopReason::GuestCrash(_) => 2,
             StopReason::Signal(signo) => 128 + signo,
@@ -39,6 +41,7 @@ impl StopReason {
             StopReason::GuestCrash(s) => format!("guest_crash: {s}"),
             StopReason::VmmError(s) => format!("vmm_error: {s}"),
             StopReason::Signal(n) => format!("signal {n}"),
+            StopReason::Snapshotted(dir) => format!("snapshot taken into {dir}"),
         }
     }
 }

@@ -3,8 +3,11 @@
 
 use std::fs::File;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+use std::os::unix::fs::DirBuilderExt;
+use std::os::unix::thread::JoinHandleExt;
+use std::path::Path;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_CAP_HALT_POLL, kvm_enable_cap, kvm_userspace_memory_region};
 use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY, kvm_pit_config};
@@ -14,6 +17,7 @@ use linux_loader::configurator::{BootConfigurator, BootParams};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
+use crate::api::{self, ApiServer};
 use crate::arch::x86_64::boot_params::{BootParamsSpec, build_boot_params};
 use crate::arch::x86_64::layout;
 use crate::arch::x86_64::{mptable, paging, regs};
@@ -24,13 +28,18 @@ use crate::devices::bus::{Bus, BusDevice, BusError};
 use crate::devices::i8042::I8042;
 use crate::devices::serial::{ConsoleWriter, SerialDevice};
 use crate::devices::virtio::mmio::{MmioTransport, QUEUE_NOTIFY_OFFSET};
+use crate::devices::virtio::persist::TransportRestoreError;
 use crate::devices::virtio::{Interrupt, VirtioDevice, block, fs, net, rng, vsock};
 use crate::host;
 use crate::loader::{self, CmdlineSpec, LoaderError};
 use crate::memory::{self, GuestMemory, MemoryError};
 use crate::metrics::Metrics;
+use crate::persist::vm_state::VmState;
+use crate::persist::{self, MachineState, SnapshotError};
 use crate::stop::{StopReason, StopSignal};
-use crate::vcpu::{self, VcpuContext};
+use crate::vcpu::pause::PauseControl;
+use crate::vcpu::persist::VcpuStateError;
+use crate::vcpu::{self, VcpuContext, kick};
 
 const KVM_DEVICE: &str = "/dev/kvm";
 
@@ -106,6 +115,20 @@ pub enum VmError {
         what: &'static str,
         #[source]
         source: std::io::Error,
+    },
+    #[error(transparent)]
+    Api(#[from] api::ApiError),
+    #[error("restoring: {0}")]
+    Snapshot(#[from] SnapshotError),
+    #[error("restoring the VM's interrupt controllers and clock: {0}")]
+    RestoreVm(#[source] persist::vm_state::VmStateError),
+    #[error("restoring: {0}")]
+    RestoreVcpu(#[source] VcpuStateError),
+    #[error("restoring virtio slot {slot}: {source}")]
+    RestoreDevice {
+        slot: usize,
+        #[source]
+        source: TransportRestoreError,
     },
 }
 
@@ -206,33 +229,49 @@ pub fn write_boot_tables(mem: &GuestMemory) -> Result<u64, VmError> {
     })
 }
 
-/// Starts one thread per vCPU.
+/// What every vCPU thread shares with the VMM.
+pub struct VcpuShared {
+    pub pio: Arc<Bus>,
+    pub mmio: Arc<Bus>,
+    pub stop: StopSignal,
+    pub metrics: Arc<Metrics>,
+    pub pause: Arc<PauseControl>,
+    pub msr_list: Arc<Vec<u32>>,
+}
+
+/// Starts one thread per vCPU; returns their thread ids, for kicking them.
 pub fn spawn_vcpus(
     vcpus: Vec<VcpuFd>,
-    pio: Arc<Bus>,
-    mmio: Arc<Bus>,
     mem: &GuestMemory,
-    stop: &StopSignal,
-    metrics: &Arc<Metrics>,
-) -> Result<(), VmError> {
+    shared: &VcpuShared,
+) -> Result<Vec<libc::pthread_t>, VmError> {
+    kick::install_handler().map_err(|source| VmError::Io {
+        what: "installing the vCPU kick handler",
+        source,
+    })?;
+    let mut threads = Vec::with_capacity(vcpus.len());
     for (i, vcpu) in vcpus.into_iter().enumerate() {
         let ctx = VcpuContext {
             index: i as u8,
-            pio: Arc::clone(&pio),
-            mmio: Arc::clone(&mmio),
+            pio: Arc::clone(&shared.pio),
+            mmio: Arc::clone(&shared.mmio),
             mem: mem.clone(),
-            stop: stop.clone(),
-            metrics: Arc::clone(metrics),
+            stop: shared.stop.clone(),
+            metrics: Arc::clone(&shared.metrics),
+            pause: Arc::clone(&shared.pause),
+            msr_list: Arc::clone(&shared.msr_list),
         };
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
             .spawn(move || vcpu::run(vcpu, ctx))
             .map_err(|source| VmError::Io {
                 what: "spawning a vCPU thread",
                 source,
             })?;
+        // The threads are never joined: the process exits with them inside KVM_RUN.
+        threads.push(handle.as_pthread_t());
     }
-    Ok(())
+    Ok(threads)
 }
 
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later), and
@@ -257,7 +296,12 @@ fn block_stop_signals() -> std::io::Result<File> {
 }
 
 /// Waits until a vCPU or device asks to stop, or a stop signal arrives.
-fn wait_for_stop(stop: &StopSignal, sigfd: &File) -> StopReason {
+fn wait_for_stop(
+    stop: &StopSignal,
+    sigfd: &File,
+    api: Option<&ApiServer>,
+    machine: &Machine,
+) -> StopReason {
     loop {
         if let Some(r) = stop.reason() {
             return r;
@@ -273,9 +317,15 @@ fn wait_for_stop(stop: &StopSignal, sigfd: &File) -> StopReason {
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: api.map_or(-1, ApiServer::raw_fd),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        // SAFETY: fds is a valid array of two pollfd for the duration of the call.
-        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        // SAFETY: fds is a valid array of three pollfd for the duration of the call; poll
+        // ignores the entry whose fd is negative.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, -1) };
         if rc < 0 {
             continue; // EINTR
         }
@@ -291,6 +341,33 @@ fn wait_for_stop(stop: &StopSignal, sigfd: &File) -> StopReason {
             };
             if n == std::mem::size_of::<libc::signalfd_siginfo>() as isize {
                 stop.request(StopReason::Signal(info.ssi_signo as i32));
+            }
+        }
+        if fds[2].revents & libc::POLLIN != 0
+            && let Some((client, request)) = api.and_then(ApiServer::accept)
+        {
+            match request {
+                Err(e) => api::reply(client, Err(e)),
+                Ok(api::Request::Snapshot { dir }) => {
+                    let result = machine.snapshot(&dir);
+                    let taken = result.is_ok();
+                    match &result {
+                        Ok(figures) => {
+                            tracing::info!(dir = %dir.display(), %figures, "snapshot taken")
+                        }
+                        Err(e) => tracing::warn!(dir = %dir.display(), "snapshot failed: {e}"),
+                    }
+                    let paused = machine.pause.requested();
+                    api::reply(client, result);
+                    if taken {
+                        stop.request(StopReason::Snapshotted(dir.display().to_string()));
+                    } else if paused {
+                        // Devices may be half stopped: this VM cannot go on.
+                        stop.request(StopReason::VmmError(
+                            "a snapshot failed after the VM was paused".into(),
+                        ));
+                    }
+                }
             }
         }
     }
@@ -424,7 +501,124 @@ fn notify_ioeventfds(vm: &VmFd, addr: u64, queues: usize) -> Result<Vec<EventFd>
         .collect()
 }
 
-/// Builds the VM described by `config`, runs it, and returns why it stopped.
+/// What taking a snapshot of the running VM needs.
+struct Machine {
+    vm: VmFd,
+    mem: GuestMemory,
+    pause: Arc<PauseControl>,
+    threads: Vec<libc::pthread_t>,
+    serial: Arc<Mutex<SerialDevice>>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+    cpu_template: String,
+    memory_mib: u64,
+}
+
+/// How long the vCPUs get to reach a pause.
+const PAUSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Machine {
+    /// Pauses the VM and writes its snapshot into `dir`; returns the figures of the run.
+    fn snapshot(&self, dir: &Path) -> Result<serde_json::Value, String> {
+        let t0 = Instant::now();
+        let (state_path, memory_path) = persist::paths(dir);
+        if state_path.exists() {
+            return Err(format!("{} already holds a snapshot", dir.display()));
+        }
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        let vcpus = self
+            .pause
+            .pause_all(&self.threads, PAUSE_TIMEOUT)
+            .map_err(|e| e.to_string())?;
+        let paused = t0.elapsed();
+        let vm = VmState::save(&self.vm).map_err(|e| e.to_string())?;
+        let serial = self
+            .serial
+            .lock()
+            .map_err(|_| "the serial device's lock is poisoned".to_string())?
+            .state();
+        let mut devices = Vec::with_capacity(self.transports.len());
+        for (slot, t) in self.transports.iter().enumerate() {
+            let mut t = t
+                .lock()
+                .map_err(|_| format!("virtio slot {slot}: lock poisoned"))?;
+            devices.push(
+                t.snapshot()
+                    .map_err(|e| format!("virtio slot {slot}: {e}"))?,
+            );
+        }
+        let (memory, memory_written) =
+            persist::memory::save(&self.mem, &memory_path).map_err(|e| e.to_string())?;
+        let state = MachineState {
+            husk_version: env!("CARGO_PKG_VERSION").to_string(),
+            cpu_template: self.cpu_template.clone(),
+            memory_mib: self.memory_mib,
+            vcpus,
+            vm,
+            serial,
+            devices,
+            memory,
+        };
+        let state_bytes = state.write(dir).map_err(|e| e.to_string())?;
+        Ok(serde_json::json!({
+            "pause_us": paused.as_micros() as u64,
+            "total_us": t0.elapsed().as_micros() as u64,
+            "memory_bytes": self.mem.iter().map(|r| r.len()).sum::<u64>(),
+            "memory_written_bytes": memory_written,
+            "state_bytes": state_bytes,
+        }))
+    }
+}
+
+/// Reads the snapshot of `dir` and checks it against the configuration and this host.
+fn load_snapshot(
+    dir: &Path,
+    config: &VmConfig,
+    template: CpuTemplate,
+    device_count: usize,
+) -> Result<MachineState, VmError> {
+    let state = MachineState::read(dir)?;
+    let mismatch = |m: String| VmError::Snapshot(SnapshotError::Mismatch(m));
+    if state.cpu_template != template.name() {
+        return Err(mismatch(format!(
+            "it was taken with the {} CPU template, this host resolves {}",
+            state.cpu_template,
+            template.name()
+        )));
+    }
+    if state.vcpus.len() != usize::from(config.vcpus) {
+        return Err(mismatch(format!(
+            "it has {} vCPUs, the configuration {}",
+            state.vcpus.len(),
+            config.vcpus
+        )));
+    }
+    if state.memory_mib != config.memory_mib {
+        return Err(mismatch(format!(
+            "it has {} MiB of memory, the configuration {}",
+            state.memory_mib, config.memory_mib
+        )));
+    }
+    if state.devices.len() != device_count {
+        return Err(mismatch(format!(
+            "it has {} virtio devices, the configuration {device_count}",
+            state.devices.len()
+        )));
+    }
+    if !config.fs.is_empty() {
+        return Err(mismatch(
+            "virtio-fs devices cannot be restored (their queues live in the vhost-user backend)"
+                .into(),
+        ));
+    }
+    Ok(state)
+}
+
+/// Builds the VM described by `config` (booting its kernel, or restoring the snapshot it
+/// names), runs it, and returns why it stopped.
 pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     // Before any thread exists, so that all of them inherit the mask.
     let sigfd = block_stop_signals().map_err(|source| VmError::Io {
@@ -459,7 +653,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
 
     // Devices that check user input (socket paths, images) come first, so that a bad
     // path is reported before any heavier setup.
-    let kernel_image = loader::KernelImage::open(&config.kernel)?;
+    let kernel_image = match &config.restore {
+        Some(_) => None,
+        None => Some(loader::KernelImage::open(&config.kernel)?),
+    };
     if let Some(p) = &config.initramfs {
         std::fs::metadata(p).map_err(|source| LoaderError::OpenInitramfs {
             path: p.clone(),
@@ -467,6 +664,14 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         })?;
     }
     let devices = virtio_devices(config)?;
+    let snapshot = match &config.restore {
+        Some(dir) => Some(load_snapshot(dir, config, template, devices.len())?),
+        None => None,
+    };
+    let api = match &config.api_socket {
+        Some(p) => Some(ApiServer::bind(p)?),
+        None => None,
+    };
     let kvm = host::open_kvm(KVM_DEVICE)?;
     let vm = create_vm(&kvm)?;
     if host == host::HostKind::NestedPvm {
@@ -480,22 +685,25 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         tracing::info!("guest RAM is a shared memfd: a vhost-user-fs backend maps it");
         memory::RamBacking::SharedMemfd
     };
-    let mem = memory::create_guest_memory(mem_size, backing)?;
-    register_memory(&vm, &mem)?;
-
-    let kernel = kernel_image.load(&mem)?;
-    let initramfs = match &config.initramfs {
-        Some(p) => Some(loader::load_initramfs(&mem, mem_size, &kernel, p)?),
-        None => None,
+    let mem = match (&snapshot, &config.restore) {
+        (Some(state), Some(dir)) => persist::memory::map(&persist::paths(dir).1, &state.memory)
+            .map_err(|e| VmError::Snapshot(SnapshotError::Mismatch(e.to_string())))?,
+        _ => memory::create_guest_memory(mem_size, backing)?,
     };
+    register_memory(&vm, &mem)?;
+    if let Some(state) = &snapshot {
+        // Before any device can raise an interrupt into the irqchip.
+        state.vm.restore(&vm).map_err(VmError::RestoreVm)?;
+    }
 
     // Where guest RAM sits in the VMM's address space, so that tools measuring the VMM's own
     // memory can leave it out (anonymous mappings are unnamed on most hosts).
     metrics.write(serde_json::json!({
         "event": "guest_ram",
-        "backing": match backing {
-            memory::RamBacking::Anonymous => "anonymous",
-            memory::RamBacking::SharedMemfd => "shared_memfd",
+        "backing": match (&snapshot, backing) {
+            (Some(_), _) => "snapshot_private",
+            (None, memory::RamBacking::Anonymous) => "anonymous",
+            (None, memory::RamBacking::SharedMemfd) => "shared_memfd",
         },
         "host_ranges": mem
             .iter()
@@ -508,12 +716,16 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     })?;
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
-    let serial = SerialDevice::new(
-        irqfd(&vm, layout::SERIAL_IRQ)?,
-        console_writer(&config.console)?,
-    );
+    let serial_irq = irqfd(&vm, layout::SERIAL_IRQ)?;
+    let serial_out = console_writer(&config.console)?;
+    let serial = match &snapshot {
+        Some(state) => SerialDevice::from_state(&state.serial, serial_irq, serial_out)
+            .map_err(|e| VmError::Snapshot(SnapshotError::Mismatch(e)))?,
+        None => SerialDevice::new(serial_irq, serial_out),
+    };
+    let serial = Arc::new(Mutex::new(serial));
     pio.insert(
-        Arc::new(Mutex::new(serial)),
+        Arc::clone(&serial) as Arc<Mutex<dyn BusDevice>>,
         layout::SERIAL_PORT,
         layout::SERIAL_PORT_LEN,
     )?;
@@ -532,28 +744,138 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         layout::BOOT_TIMER_SIZE,
     )?;
     let mut slots = Vec::with_capacity(devices.len());
+    let mut transports = Vec::with_capacity(devices.len());
     for (i, planned) in devices.into_iter().enumerate() {
         let (addr, irq) = layout::virtio_slot(i).ok_or(VmError::TooManyDevices(i + 1))?;
         let interrupt = Interrupt::new(irqfd(&vm, irq)?);
         let dev = planned.device;
-        let transport = if planned.ioeventfd {
-            let notify = notify_ioeventfds(&vm, addr, dev.queue_max_sizes().len())?;
-            MmioTransport::with_notify_eventfds(mem.clone(), dev, interrupt, notify)
+        let notify = if planned.ioeventfd {
+            Some(notify_ioeventfds(&vm, addr, dev.queue_max_sizes().len())?)
         } else {
-            MmioTransport::new(mem.clone(), dev, interrupt)
+            None
         };
-        let transport: Arc<Mutex<dyn BusDevice>> = Arc::new(Mutex::new(transport));
-        mmio.insert(transport, addr, layout::VIRTIO_MMIO_SIZE)?;
+        let transport = match (&snapshot, notify) {
+            (Some(state), notify) => {
+                MmioTransport::restore(mem.clone(), dev, interrupt, notify, &state.devices[i])
+                    .map_err(|source| VmError::RestoreDevice { slot: i, source })?
+            }
+            (None, Some(notify)) => {
+                MmioTransport::with_notify_eventfds(mem.clone(), dev, interrupt, notify)
+            }
+            (None, None) => MmioTransport::new(mem.clone(), dev, interrupt),
+        };
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(
+            Arc::clone(&transport) as Arc<Mutex<dyn BusDevice>>,
+            addr,
+            layout::VIRTIO_MMIO_SIZE,
+        )?;
+        transports.push(transport);
         slots.push((addr, irq));
     }
 
+    let msr_list = kvm
+        .get_msr_index_list()
+        .map_err(kvm_err("KVM_GET_MSR_INDEX_LIST"))?
+        .as_slice()
+        .to_vec();
+    let vcpus = match (&snapshot, kernel_image) {
+        (Some(state), _) => {
+            let mut vcpus = Vec::with_capacity(state.vcpus.len());
+            for (id, saved) in state.vcpus.iter().enumerate() {
+                let vcpu = vm
+                    .create_vcpu(id as u64)
+                    .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+                saved.restore(&vcpu).map_err(VmError::RestoreVcpu)?;
+                vcpus.push(vcpu);
+            }
+            for (slot, t) in transports.iter().enumerate() {
+                t.lock()
+                    .map_err(|_| VmError::Io {
+                        what: "starting a restored device",
+                        source: std::io::Error::other("lock poisoned"),
+                    })?
+                    .start_restored()
+                    .map_err(|source| VmError::RestoreDevice { slot, source })?;
+            }
+            metrics.write(serde_json::json!({
+                "event": "restored",
+                "wall_us": metrics.wall_us(),
+            }));
+            vcpus
+        }
+        (None, Some(kernel_image)) => boot_setup(
+            config,
+            template,
+            &kvm,
+            &vm,
+            &mem,
+            mem_size,
+            kernel_image,
+            &slots,
+        )?,
+        (None, None) => unreachable!("a boot always has a kernel image"),
+    };
+
+    let pause = Arc::new(PauseControl::new());
+    let shared = VcpuShared {
+        pio: Arc::new(pio),
+        mmio: Arc::new(mmio),
+        stop: stop.clone(),
+        metrics: Arc::clone(&metrics),
+        pause: Arc::clone(&pause),
+        msr_list: Arc::new(msr_list),
+    };
+    let threads = spawn_vcpus(vcpus, &mem, &shared)?;
+    let machine = Machine {
+        vm,
+        mem,
+        pause,
+        threads,
+        serial,
+        transports,
+        cpu_template: template.name().to_string(),
+        memory_mib: config.memory_mib,
+    };
+    let reason = wait_for_stop(&stop, &sigfd, api.as_ref(), &machine);
+    metrics.write(serde_json::json!({
+        "event": "exit",
+        "reason": reason.label(),
+        "wall_us": metrics.wall_us(),
+    }));
+    if let Some(p) = &config.api_socket {
+        let _ = std::fs::remove_file(p);
+    }
+    // The VM and its memory go away with the process; keep them alive until then.
+    std::mem::forget(machine);
+    Ok(reason)
+}
+
+/// Loads the kernel and initramfs, writes the boot structures and creates the vCPUs at the
+/// kernel's entry point.
+#[allow(clippy::too_many_arguments)]
+fn boot_setup(
+    config: &VmConfig,
+    template: CpuTemplate,
+    kvm: &Kvm,
+    vm: &VmFd,
+    mem: &GuestMemory,
+    mem_size: u64,
+    kernel_image: loader::KernelImage,
+    slots: &[(u64, u32)],
+) -> Result<Vec<VcpuFd>, VmError> {
+    let kernel = kernel_image.load(mem)?;
+    let initramfs = match &config.initramfs {
+        Some(p) => Some(loader::load_initramfs(mem, mem_size, &kernel, p)?),
+        None => None,
+    };
     let cmdline = loader::build_cmdline(&CmdlineSpec {
         console: config.console != Console::Off,
         template_flags: template.cmdline(),
-        virtio_devices: &slots,
+        virtio_devices: slots,
         extra: &config.extra_cmdline,
     })?;
-    let cmdline_len = loader::write_cmdline(&mem, &cmdline)?;
+    let cmdline_len = loader::write_cmdline(mem, &cmdline)?;
     tracing::debug!("kernel command line: {:?}", cmdline.as_cstring().ok());
     let params = build_boot_params(&BootParamsSpec {
         mem_size,
@@ -564,7 +886,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     });
     LinuxBootConfigurator::write_bootparams::<GuestMemory>(
         &BootParams::new(&params, GuestAddress(layout::ZERO_PAGE_ADDR)),
-        &mem,
+        mem,
     )
     .map_err(VmError::BootParams)?;
     let mp = mptable::build(config.vcpus, layout::MPTABLE_ADDR)?;
@@ -573,26 +895,13 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
             what: "the MP table",
             source,
         })?;
-    let cr3 = write_boot_tables(&mem)?;
-    let vcpus = create_vcpus(&kvm, &vm, template, config.vcpus, kernel.entry, cr3)?;
-
-    spawn_vcpus(vcpus, Arc::new(pio), Arc::new(mmio), &mem, &stop, &metrics)?;
-    let reason = wait_for_stop(&stop, &sigfd);
-    metrics.write(serde_json::json!({
-        "event": "exit",
-        "reason": reason.label(),
-        "wall_us": metrics.wall_us(),
-    }));
-    // The VM and its memory go away with the process; keep them alive until then.
-    std::mem::forget(vm);
-    std::mem::forget(mem);
-    Ok(reason)
+    let cr3 = write_boot_tables(mem)?;
+    create_vcpus(kvm, vm, template, config.vcpus, kernel.entry, cr3)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     /// Real KVM: enters hand-written 64-bit code through the same boot path as a kernel
     /// (GDT, page tables, sregs, CPUID template) and checks the exits the VMM sees.
@@ -620,15 +929,15 @@ mod tests {
             s.request(StopReason::GuestShutdown("reset".into()))
         }));
         pio.insert(Arc::new(Mutex::new(i8042)), 0x60, 5).unwrap();
-        spawn_vcpus(
-            vcpus,
-            Arc::new(pio),
-            Arc::new(Bus::new()),
-            &mem,
-            &stop,
-            &metrics,
-        )
-        .unwrap();
+        let shared = VcpuShared {
+            pio: Arc::new(pio),
+            mmio: Arc::new(Bus::new()),
+            stop: stop.clone(),
+            metrics,
+            pause: Arc::new(PauseControl::new()),
+            msr_list: Arc::new(Vec::new()),
+        };
+        spawn_vcpus(vcpus, &mem, &shared).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             if let Some(r) = stop.reason() {

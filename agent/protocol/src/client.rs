@@ -27,9 +27,10 @@ use crate::agent::{
     CreateContainerRequest, CreateContainerResponse, CreateSandboxRequest, CreateSandboxResponse,
     DestroySandboxRequest, DestroySandboxResponse, ExecProcessRequest, ExecProcessResponse,
     GetGuestDetailsRequest, GetGuestDetailsResponse, GetOOMEventRequest, ListProcessesRequest,
-    PauseContainerRequest, RemoveContainerRequest, ResumeContainerRequest, SignalProcessRequest,
-    StartContainerRequest, StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest,
-    UpdateContainerRequest, UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
+    PauseContainerRequest, RemoveContainerRequest, RestoredRequest, ResumeContainerRequest,
+    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, StatsContainerResponse,
+    TtyWinResizeRequest, UpdateContainerRequest, UpdateContainerResponse, WaitProcessRequest,
+    WaitProcessResponse,
 };
 use crate::agent_ttrpc::AgentServiceClient;
 
@@ -421,6 +422,19 @@ impl AgentClient {
             .get_guest_details(self.ctx(), &GetGuestDetailsRequest::new())
             .await
             .map_err(self.rpc_error("GetGuestDetails"))
+    }
+
+    /// `Restored`: reseeds the guest's CRNG with `entropy` and sets its wall clock to
+    /// `realtime_ns`; returns the guest's wall clock right after.
+    pub async fn restored(&self, entropy: Vec<u8>, realtime_ns: i64) -> Result<i64, ClientError> {
+        let mut req = RestoredRequest::new();
+        req.entropy = entropy;
+        req.realtime_ns = realtime_ns;
+        self.inner
+            .restored(self.ctx(), &req)
+            .await
+            .map(|r| r.realtime_ns)
+            .map_err(self.rpc_error("Restored"))
     }
 
     /// `CreateSandbox`: hostname, DNS, shared mounts, sysctls; returns the sandbox dir.

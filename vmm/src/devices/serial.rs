@@ -3,6 +3,8 @@
 
 use std::io::Write;
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::{NoEvents, SerialState};
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -24,7 +26,7 @@ pub type ConsoleWriter = Box<dyn Write + Send>;
 
 /// The UART on the port-I/O bus.
 pub struct SerialDevice {
-    serial: Serial<IrqTrigger, vm_superio::serial::NoEvents, ConsoleWriter>,
+    serial: Serial<IrqTrigger, NoEvents, ConsoleWriter>,
 }
 
 impl SerialDevice {
@@ -33,6 +35,62 @@ impl SerialDevice {
             serial: Serial::new(IrqTrigger(irq), out),
         }
     }
+
+    /// The UART's registers for a snapshot (the guest driver's interrupt enables must
+    /// survive, or its tty would wait for a transmit interrupt that never comes).
+    pub fn state(&self) -> SerialSnapshot {
+        let s = self.serial.state();
+        SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
+    }
+
+    /// A UART with the registers of a snapshot.
+    pub fn from_state(
+        state: &SerialSnapshot,
+        irq: EventFd,
+        out: ConsoleWriter,
+    ) -> Result<Self, String> {
+        let s = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&s, IrqTrigger(irq), NoEvents, out)
+            .map_err(|e| format!("serial state: {e:?}"))?;
+        Ok(Self { serial })
+    }
+}
+
+/// vm-superio's `SerialState`, in a form the snapshot file can hold.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SerialSnapshot {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 impl BusDevice for SerialDevice {

@@ -232,7 +232,7 @@ impl QueueHandler for BlockBackend {
 /// A virtio-blk device backed by a file or a host block device.
 pub struct Block {
     backend: Option<BlockBackend>,
-    worker: Option<Worker<BlockBackend>>,
+    worker: Option<Worker<(BlockBackend, Queue)>>,
     avail_features: u64,
     acked_features: u64,
     /// Config space: capacity (u64), size_max (u32), seg_max (u32).
@@ -345,10 +345,17 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) -> bool {
         if let Some(w) = self.worker.take() {
-            self.backend = w.stop();
+            self.backend = w.stop().map(|(backend, _)| backend);
         }
         self.acked_features = 0;
         self.backend.is_some()
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<Queue>, String> {
+        let worker = self.worker.take().ok_or("virtio-blk is not active")?;
+        let (backend, queue) = worker.stop().ok_or("virtio-blk worker did not stop")?;
+        self.backend = Some(backend);
+        Ok(vec![queue])
     }
 }
 

@@ -12,6 +12,7 @@
 
 pub mod interrupt;
 pub mod mmio;
+pub mod persist;
 
 pub mod block;
 pub mod fs;
@@ -83,5 +84,24 @@ pub trait VirtioDevice: Send {
     /// reset (the transport then marks it as needing a reset).
     fn reset(&mut self) -> bool {
         false
+    }
+    /// Stops the active device's processing for a snapshot, keeping its host resources, and
+    /// hands back its queues with their positions. Devices whose queue state lives outside
+    /// the VMM (vhost-user) cannot, and say so.
+    fn quiesce(&mut self) -> Result<Vec<Queue>, String> {
+        Err(format!(
+            "virtio device type {} cannot be snapshotted",
+            self.device_type()
+        ))
+    }
+    /// Starts the device on queues restored from a snapshot (whose driver is already past
+    /// DRIVER_OK). Devices with host-side connection state reset it here.
+    fn activate_restored(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<ActiveQueue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError> {
+        self.activate(mem, queues, interrupt)
     }
 }

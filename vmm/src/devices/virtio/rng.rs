@@ -87,7 +87,7 @@ impl QueueHandler for RngBackend {
 
 /// The entropy device.
 pub struct Rng {
-    worker: Option<Worker<RngBackend>>,
+    worker: Option<Worker<(RngBackend, Queue)>>,
     acked_features: u64,
 }
 
@@ -157,6 +157,12 @@ impl VirtioDevice for Rng {
         }
         self.acked_features = 0;
         true
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<Queue>, String> {
+        let worker = self.worker.take().ok_or("virtio-rng is not active")?;
+        let (_, queue) = worker.stop().ok_or("virtio-rng worker did not stop")?;
+        Ok(vec![queue])
     }
 }
 

@@ -174,7 +174,8 @@ pub(crate) fn notify_guest(mem: &GuestMemory, queue: &mut Queue, interrupt: &Int
 const TOKEN_KILL: u64 = u64::MAX;
 
 /// Runs a single-queue device: processes the queue once at start (the driver may have
-/// queued buffers before it set DRIVER_OK) and on each notification, until killed.
+/// queued buffers before it set DRIVER_OK) and on each notification, until killed. Hands
+/// back the handler and the queue (whose positions a snapshot saves).
 pub(crate) fn run_single_queue<H: QueueHandler>(
     mut handler: H,
     mem: GuestMemory,
@@ -182,12 +183,12 @@ pub(crate) fn run_single_queue<H: QueueHandler>(
     notify: EventFd,
     interrupt: Interrupt,
     kill: EventFd,
-) -> H {
+) -> (H, Queue) {
     let epoll = match setup_epoll(&[(notify.as_raw_fd(), 0), (kill.as_raw_fd(), TOKEN_KILL)]) {
         Ok(e) => e,
         Err(e) => {
             warn!("virtio worker: epoll setup failed: {e}");
-            return handler;
+            return (handler, queue);
         }
     };
     if drain_queue(&mem, &mut queue, &interrupt, |m, q| handler.process(m, q)) {
@@ -200,12 +201,12 @@ pub(crate) fn run_single_queue<H: QueueHandler>(
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 warn!("virtio worker: epoll_wait failed: {e}");
-                return handler;
+                return (handler, queue);
             }
         };
         for ev in &events[..n] {
             if ev.data() == TOKEN_KILL {
-                return handler;
+                return (handler, queue);
             }
             // Clearing the counter before processing means a kick that arrives during
             // processing wakes us again instead of being lost.

@@ -43,7 +43,7 @@ pub struct NetConfig {
 pub struct Net {
     name: String,
     backend: Option<NetBackend>,
-    worker: Option<Worker<NetBackend>>,
+    worker: Option<Worker<NetWorker>>,
     counters: Arc<NetCounters>,
     acked_features: u64,
     config: [u8; CONFIG_LEN],
@@ -156,13 +156,20 @@ impl VirtioDevice for Net {
 
     fn reset(&mut self) -> bool {
         if let Some(w) = self.worker.take() {
-            self.backend = w.stop();
+            self.backend = w.stop().map(|w| w.backend);
         }
         if let Some(b) = &mut self.backend {
             b.reset();
         }
         self.acked_features = 0;
         self.backend.is_some()
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<Queue>, String> {
+        let worker = self.worker.take().ok_or("virtio-net is not active")?;
+        let stopped = worker.stop().ok_or("virtio-net worker did not stop")?;
+        self.backend = Some(stopped.backend);
+        Ok(stopped.queues.into())
     }
 }
 
@@ -177,8 +184,9 @@ struct NetWorker {
 }
 
 impl NetWorker {
-    /// Runs until killed; returns the backend so a driver reset keeps the tap.
-    fn run(mut self, notify: [EventFd; 2], kill: EventFd) -> NetBackend {
+    /// Runs until killed; hands itself back so a driver reset keeps the tap and a snapshot
+    /// gets the queues.
+    fn run(mut self, notify: [EventFd; 2], kill: EventFd) -> Self {
         let epoll = match setup_epoll(&[
             (notify[RXQ].as_raw_fd(), RXQ as u64),
             (notify[TXQ].as_raw_fd(), TXQ as u64),
@@ -187,7 +195,7 @@ impl NetWorker {
             Ok(e) => e,
             Err(e) => {
                 warn!("virtio-net worker: epoll setup failed: {e}");
-                return self.backend;
+                return self;
             }
         };
         // Edge-triggered: the tap is read until it is empty or the guest has no buffers;
@@ -198,7 +206,7 @@ impl NetWorker {
             EpollEvent::new(EventSet::IN | EventSet::EDGE_TRIGGERED, TOKEN_TAP),
         ) {
             warn!("virtio-net worker: cannot poll the tap: {e}");
-            return self.backend;
+            return self;
         }
         // The driver may have queued frames and buffers before DRIVER_OK.
         self.process_tx();
@@ -210,13 +218,13 @@ impl NetWorker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("virtio-net worker: epoll_wait failed: {e}");
-                    return self.backend;
+                    return self;
                 }
             };
             let mut rx = false;
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_KILL => return self.backend,
+                    TOKEN_KILL => return self,
                     TOKEN_TAP => rx = true,
                     t if t == RXQ as u64 => {
                         let _ = notify[RXQ].read();

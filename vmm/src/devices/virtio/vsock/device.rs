@@ -6,8 +6,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
-use virtio_queue::Queue;
-use vmm_sys_util::epoll::EpollEvent;
+use virtio_queue::{Queue, QueueT};
+use vm_memory::Bytes;
+use vmm_sys_util::epoll::{ControlOperation, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::VsockError;
@@ -23,12 +24,14 @@ const QUEUE_SIZE: u16 = 256;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
+/// virtio_vsock_event.id of a transport reset.
+const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
 /// The vsock device: guest CID plus the host Unix socket it bridges to.
 pub struct Vsock {
     guest_cid: u64,
     muxer: Option<Muxer>,
-    worker: Option<Worker<Option<Muxer>>>,
+    worker: Option<Worker<VsockWorker>>,
     acked_features: u64,
 }
 
@@ -50,6 +53,39 @@ impl Vsock {
 
     pub fn guest_cid(&self) -> u64 {
         self.guest_cid
+    }
+
+    /// Starts the worker; `transport_reset`: first tell the driver that every connection
+    /// is gone (after a restore, the host side of them no longer exists).
+    fn start(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<ActiveQueue>,
+        interrupt: Interrupt,
+        transport_reset: bool,
+    ) -> Result<(), ActivateError> {
+        let got = queues.len();
+        let Ok([rx, tx, ev]) = <[ActiveQueue; 3]>::try_from(queues) else {
+            return Err(ActivateError::QueueCount { expected: 3, got });
+        };
+        let muxer = self
+            .muxer
+            .take()
+            .ok_or_else(|| ActivateError::Other("vsock already active".into()))?;
+        let worker = Worker::spawn("virtio-vsock", move |kill| {
+            VsockWorker {
+                muxer,
+                mem,
+                queues: [rx.queue, tx.queue, ev.queue],
+                interrupt,
+                transport_reset,
+                reset_sent: false,
+            }
+            .run([rx.notify, tx.notify, ev.notify], kill)
+        })
+        .map_err(ActivateError::Worker)?;
+        self.worker = Some(worker);
+        Ok(())
     }
 }
 
@@ -84,31 +120,28 @@ impl VirtioDevice for Vsock {
         queues: Vec<ActiveQueue>,
         interrupt: Interrupt,
     ) -> Result<(), ActivateError> {
-        let got = queues.len();
-        let Ok([rx, tx, ev]) = <[ActiveQueue; 3]>::try_from(queues) else {
-            return Err(ActivateError::QueueCount { expected: 3, got });
-        };
-        let muxer = self
-            .muxer
-            .take()
-            .ok_or_else(|| ActivateError::Other("vsock already active".into()))?;
-        let worker = Worker::spawn("virtio-vsock", move |kill| {
-            VsockWorker {
-                muxer,
-                mem,
-                queues: [rx.queue, tx.queue, ev.queue],
-                interrupt,
-            }
-            .run([rx.notify, tx.notify, ev.notify], kill)
-        })
-        .map_err(ActivateError::Worker)?;
-        self.worker = Some(worker);
-        Ok(())
+        self.start(mem, queues, interrupt, false)
+    }
+
+    fn activate_restored(
+        &mut self,
+        mem: GuestMemory,
+        queues: Vec<ActiveQueue>,
+        interrupt: Interrupt,
+    ) -> Result<(), ActivateError> {
+        self.start(mem, queues, interrupt, true)
+    }
+
+    fn quiesce(&mut self) -> Result<Vec<Queue>, String> {
+        let worker = self.worker.take().ok_or("virtio-vsock is not active")?;
+        let stopped = worker.stop().ok_or("virtio-vsock worker did not stop")?;
+        self.muxer = Some(stopped.muxer);
+        Ok(stopped.queues.into())
     }
 
     fn reset(&mut self) -> bool {
         if let Some(w) = self.worker.take() {
-            self.muxer = w.stop().flatten();
+            self.muxer = w.stop().map(|w| w.muxer);
         }
         if let Some(m) = &mut self.muxer {
             m.reset();
@@ -126,30 +159,60 @@ struct VsockWorker {
     mem: GuestMemory,
     queues: [Queue; 3],
     interrupt: Interrupt,
+    /// Send VIRTIO_VSOCK_EVENT_TRANSPORT_RESET before anything else.
+    transport_reset: bool,
+    /// The reset went out and the driver has not refilled the event queue yet.
+    reset_sent: bool,
 }
 
 impl VsockWorker {
-    /// Returns the muxer when stopped, `None` if the event loop could not be set up or failed.
-    fn run(mut self, notify: [EventFd; 3], kill: EventFd) -> Option<Muxer> {
-        let epoll = match setup_epoll(&[
+    /// Runs until killed or the event loop fails; hands itself back (muxer and queues).
+    fn run(mut self, notify: [EventFd; 3], kill: EventFd) -> Self {
+        // After a restore, host connections wait (in the listener's backlog) until the
+        // driver has taken the transport reset, which would otherwise also reset them: the
+        // driver refills and kicks the event queue once it has, or a deadline passes.
+        let mut muxer_waits = self.transport_reset;
+        let reset_deadline = Instant::now() + Duration::from_secs(1);
+        let mut fds = vec![
             (notify[RXQ].as_raw_fd(), RXQ as u64),
             (notify[TXQ].as_raw_fd(), TXQ as u64),
             (notify[EVQ].as_raw_fd(), EVQ as u64),
-            (self.muxer.epoll_fd(), TOKEN_MUXER),
             (kill.as_raw_fd(), TOKEN_KILL),
-        ]) {
+        ];
+        if !muxer_waits {
+            fds.push((self.muxer.epoll_fd(), TOKEN_MUXER));
+        }
+        let epoll = match setup_epoll(&fds) {
             Ok(e) => e,
             Err(e) => {
                 warn!("vsock worker: epoll setup failed: {e}");
-                return Some(self.muxer);
+                return self;
             }
         };
+        if self.transport_reset {
+            self.send_transport_reset();
+        }
         // The driver fills the RX queue right after DRIVER_OK, possibly before we listen.
         self.process_tx();
         self.process_rx();
         let mut events = [EpollEvent::default(); 8];
         loop {
-            let timeout = if self.muxer.has_pending_connects() {
+            if muxer_waits && (!self.transport_reset_sent() || Instant::now() >= reset_deadline) {
+                muxer_waits = false;
+                if let Err(e) = epoll.ctl(
+                    ControlOperation::Add,
+                    self.muxer.epoll_fd(),
+                    EpollEvent::new(EventSet::IN, TOKEN_MUXER),
+                ) {
+                    warn!("vsock worker: cannot poll the host side: {e}");
+                    return self;
+                }
+            }
+            let timeout = if muxer_waits {
+                reset_deadline
+                    .saturating_duration_since(Instant::now())
+                    .as_millis() as i32
+            } else if self.muxer.has_pending_connects() {
                 Duration::from_millis(250).as_millis() as i32
             } else {
                 -1
@@ -159,12 +222,12 @@ impl VsockWorker {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
                     warn!("vsock worker: epoll_wait failed: {e}");
-                    return Some(self.muxer);
+                    return self;
                 }
             };
             for ev in &events[..n] {
                 match ev.data() {
-                    TOKEN_KILL => return Some(self.muxer),
+                    TOKEN_KILL => return self,
                     TOKEN_MUXER => self.muxer.process_host_events(),
                     t @ (0..=2) => {
                         let _ = notify[t as usize].read();
@@ -172,7 +235,15 @@ impl VsockWorker {
                             self.process_tx();
                         }
                         // RX kicks mean fresh buffers; event-queue buffers are only used
-                        // for transport resets, which we never send.
+                        // for the transport reset after a restore.
+                        if t as usize == EVQ {
+                            if self.transport_reset {
+                                self.send_transport_reset();
+                            } else if self.reset_sent {
+                                // The driver took the reset and refilled the queue.
+                                self.reset_sent = false;
+                            }
+                        }
                     }
                     _ => {}
                 }
@@ -180,6 +251,46 @@ impl VsockWorker {
             self.muxer.expire_connects(Instant::now());
             self.process_rx();
         }
+    }
+
+    /// Tells the driver every connection was reset (virtio 1.2, 5.10.6.5); waits for an
+    /// event buffer if the driver has none posted yet.
+    fn send_transport_reset(&mut self) {
+        let evq = &mut self.queues[EVQ];
+        let Some(chain) = evq.pop_descriptor_chain(&self.mem) else {
+            debug!("vsock: no event buffer for the transport reset yet");
+            return;
+        };
+        let head = chain.head_index();
+        let event = VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.to_le_bytes();
+        let mut len = 0;
+        if let Some(d) = chain
+            .clone()
+            .find(|d| d.is_write_only() && d.len() as usize >= event.len())
+        {
+            match self.mem.write_slice(&event, d.addr()) {
+                Ok(()) => len = event.len() as u32,
+                Err(e) => debug!("vsock: event buffer outside guest memory: {e}"),
+            }
+        }
+        if let Err(e) = evq.add_used(&self.mem, head, len) {
+            debug!("vsock: cannot return the event buffer: {e}");
+        }
+        notify_guest(&self.mem, evq, &self.interrupt);
+        if len > 0 {
+            self.transport_reset = false;
+            self.reset_sent = true;
+            // So that the driver's refill of the event queue kicks us.
+            if let Err(e) = evq.enable_notification(&self.mem) {
+                debug!("vsock: event queue notifications: {e}");
+            }
+            tracing::info!("vsock: told the guest its connections were reset");
+        }
+    }
+
+    /// Whether the driver still has a transport reset to take.
+    fn transport_reset_sent(&self) -> bool {
+        self.transport_reset || self.reset_sent
     }
 
     fn process_tx(&mut self) {

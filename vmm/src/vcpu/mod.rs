@@ -1,5 +1,10 @@
 //! The vCPU threads: run the vCPU, dispatch its exits to the port-I/O and MMIO buses,
-//! and turn the exits that end the VM into a [`StopReason`].
+//! and turn the exits that end the VM into a [`StopReason`]; on request, pause and save
+//! their state ([`pause`], [`persist`]).
+
+pub mod kick;
+pub mod pause;
+pub mod persist;
 
 use std::sync::Arc;
 
@@ -27,6 +32,9 @@ pub struct VcpuContext {
     pub mem: GuestMemory,
     pub stop: StopSignal,
     pub metrics: Arc<Metrics>,
+    pub pause: Arc<pause::PauseControl>,
+    /// The MSRs a snapshot saves (KVM's index list, read once per VM).
+    pub msr_list: Arc<Vec<u32>>,
 }
 
 /// What to do after one exit (decided while KVM's run structure is borrowed).
@@ -43,31 +51,59 @@ fn valid_access(len: usize) -> bool {
 
 /// Runs `vcpu` until the VM stops; the reason is posted to the stop signal.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
+    kick::register(&mut vcpu);
     if ctx.index == 0 {
         ctx.metrics.vcpu_first_entry();
     }
     loop {
+        if ctx.pause.requested() {
+            pause_here(&mut vcpu, &ctx);
+            continue;
+        }
+        let mut kicked = false;
         let next = match vcpu.run() {
             Ok(exit) => handle_exit(exit, &ctx),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => Next::Continue,
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                kicked = true;
+                Next::Continue
+            }
             Err(e) => Next::Stop(StopReason::VmmError(format!(
                 "vCPU {}: KVM_RUN failed: {e}",
                 ctx.index
             ))),
         };
+        if kicked {
+            vcpu.set_kvm_immediate_exit(0);
+        }
         match next {
             Next::Continue => {}
             Next::Stop(reason) => {
+                kick::unregister();
                 ctx.stop.request(reason);
                 return;
             }
             Next::InternalError => {
+                kick::unregister();
                 let msg = describe_internal_error(&mut vcpu, &ctx);
                 ctx.stop.request(StopReason::GuestCrash(msg));
                 return;
             }
         }
     }
+}
+
+/// Completes the last exit's pending I/O without running guest code (KVM_RUN with
+/// `immediate_exit` set), saves the vCPU's state, reports it and waits for a resume.
+fn pause_here(vcpu: &mut VcpuFd, ctx: &VcpuContext) {
+    vcpu.set_kvm_immediate_exit(1);
+    match vcpu.run() {
+        Err(e) if e.errno() == libc::EINTR => {}
+        Err(e) => tracing::debug!(vcpu = ctx.index, "KVM_RUN before pausing: {e}"),
+        Ok(exit) => tracing::debug!(vcpu = ctx.index, "exit before pausing: {exit:?}"),
+    }
+    vcpu.set_kvm_immediate_exit(0);
+    let state = persist::VcpuState::save(vcpu, ctx.index, &ctx.msr_list).map_err(|e| e.to_string());
+    ctx.pause.report_and_park(ctx.index, state);
 }
 
 fn handle_exit(exit: VcpuExit<'_>, ctx: &VcpuContext) -> Next {
