@@ -21,3 +21,9 @@ cargo fmt --all --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo build --workspace --bins
 cargo test --workspace
+
+# Nightly: every fuzz target for 10 minutes (needs the nightly toolchain; scripts/fuzz.sh
+# installs cargo-fuzz). CI replays the corpus and regressions in `cargo test` above.
+if [ "${HUSK_NIGHTLY:-0}" = 1 ]; then
+    scripts/fuzz.sh "${HUSK_FUZZ_SECONDS:-600}"
+fi

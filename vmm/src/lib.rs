@@ -17,6 +17,8 @@ pub mod arch;
 pub mod config;
 pub mod cpu_template;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod host;
 pub mod loader;
 pub mod memory;

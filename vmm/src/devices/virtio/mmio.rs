@@ -94,6 +94,12 @@ impl QueueRegs {
 
     /// Builds the queue and checks it against the spec and guest memory.
     fn build(&self, mem: &GuestMemory, event_idx: bool) -> Result<Queue, String> {
+        // virtio-queue treats a ring at guest address 0 as not ready: it pops nothing from
+        // it while notifications keep reporting work, so a worker would spin (found by the
+        // mmio fuzz target). No real driver puts a ring there.
+        if self.desc == 0 || self.driver == 0 || self.device == 0 {
+            return Err("a ring at guest address 0 is not supported".into());
+        }
         let mut q = Queue::new(self.max_size).map_err(|e| format!("max size: {e}"))?;
         q.try_set_size(self.size)
             .map_err(|e| format!("size {}: {e}", self.size))?;
