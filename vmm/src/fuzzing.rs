@@ -27,8 +27,9 @@
 //! - `data_len: u16` and that many bytes, copied to [`DATA_BASE`];
 //! - then what the harness adds (host frames, a host/guest operation list).
 //!
-//! Queue `i`'s descriptor table is at `i * 0x1000`, its avail ring at `+0x400` and its used
-//! ring at `+0x800`; guest memory is [`MEM_SIZE`] bytes from address 0.
+//! Queue `i`'s descriptor table is at `(i + 1) * 0x1000` (nothing at guest address 0, which
+//! the transport refuses for rings), its avail ring at `+0x400` and its used ring at
+//! `+0x800`; guest memory is [`MEM_SIZE`] bytes from address 0.
 
 use std::fs::File;
 use std::io::{ErrorKind, Read, Write};
@@ -138,7 +139,7 @@ fn eventfd() -> EventFd {
 
 /// Guest addresses of queue `index`'s rings.
 pub fn ring_addresses(index: usize) -> (u64, u64, u64) {
-    let base = index as u64 * RING_STRIDE;
+    let base = (index as u64 + 1) * RING_STRIDE;
     (base, base + AVAIL_OFFSET, base + USED_OFFSET)
 }
 
@@ -1054,15 +1055,16 @@ fn vsock_seeds(out: &mut Seeds) {
     out.push(("vsock", "host-connects", e.finish()));
 }
 
-/// Ring layout of the mmio seeds (queues of 8 entries): queue `i` at `i * 0x200`, avail
-/// ring at `+0x80`, used ring at `+0x100`; buffers from [`MMIO_DATA`] on. Kept compact so
-/// the seeds (which carry guest memory from address 0) stay small.
+/// Ring layout of the mmio seeds (queues of 8 entries): queue `i` at `(i + 1) * 0x200`
+/// (the transport refuses rings at guest address 0), avail ring at `+0x80`, used ring at
+/// `+0x100`; buffers from [`MMIO_DATA`] on. Kept compact so the seeds (which carry guest
+/// memory from address 0) stay small.
 fn mmio_rings(index: usize) -> (u64, u64, u64) {
-    let base = index as u64 * 0x200;
+    let base = (index as u64 + 1) * 0x200;
     (base, base + 0x80, base + 0x100)
 }
 
-const MMIO_DATA: u64 = 0x600;
+const MMIO_DATA: u64 = 0x800;
 
 /// The register accesses of a driver bringing up a device with `queues` queues (rings at
 /// `mmio_rings(i)`, `size` entries each) and accepting `features`, then kicking each
