@@ -78,8 +78,9 @@ for t in "${targets[@]}"; do
     else
         status="FAILED (exit $rc)"
         failed+=("$t")
-        grep -E '^(SUMMARY|==[0-9]+== ERROR)|panicked at|^thread .* panicked|^ALARM|Test unit written to' "$log" |
-            head -n 8 | sed "s/^/fuzz: $t: /" >&2
+        [ "$rc" -gt 128 ] && echo "fuzz: $t: killed by signal $((rc - 128))" >&2
+        { grep -E '^(SUMMARY|==[0-9]+== ERROR)|panicked at|^ALARM|Test unit written to' "$log" || true; } |
+            sed -n "1,8s/^/fuzz: $t: /p" >&2
     fi
     summary+=("$(printf '%-8s %-18s %10s runs %7s exec/s  cov %s' "$t" "$status" "${runs:-?}" "${rate:-?}" "${cov:-?}")")
 done

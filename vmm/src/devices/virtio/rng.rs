@@ -152,11 +152,13 @@ impl VirtioDevice for Rng {
     }
 
     fn reset(&mut self) -> bool {
-        if let Some(w) = self.worker.take() {
-            w.stop();
-        }
         self.acked_features = 0;
-        true
+        // A worker that did not stop is still running on the old queue: the device must
+        // stay in DEVICE_NEEDS_RESET rather than report a clean reset.
+        match self.worker.take() {
+            Some(w) => w.stop().is_some(),
+            None => true,
+        }
     }
 
     fn quiesce(&mut self) -> Result<Vec<Queue>, String> {
