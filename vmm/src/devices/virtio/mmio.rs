@@ -959,21 +959,7 @@ mod tests {
     fn rng_end_to_end_through_worker() {
         let mem = mem();
         // A blocking irqfd: the read below waits for the worker's interrupt.
-        let irq = EventFd::new(0).unwrap();
-        let mut t = MmioTransport::new(mem.clone(), Box::new(Rng::new()), Interrupt::new(irq));
-        let vq = MockSplitQueue::create(&mem, GuestAddress(0x1000), 16);
-        wr(&mut t, REG_STATUS, status::ACKNOWLEDGE);
-        wr(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        wr(&mut t, REG_DRIVER_FEATURES_SEL, 1);
-        wr(&mut t, REG_DRIVER_FEATURES, 1);
-        wr(&mut t, REG_STATUS, ALL_OK);
-        wr(&mut t, REG_QUEUE_SEL, 0);
-        wr(&mut t, REG_QUEUE_NUM, 16);
-        wr(&mut t, REG_QUEUE_DESC_LOW, vq.desc_table_addr().0 as u32);
-        wr(&mut t, REG_QUEUE_DRIVER_LOW, vq.avail_addr().0 as u32);
-        wr(&mut t, REG_QUEUE_DEVICE_LOW, vq.used_addr().0 as u32);
-        wr(&mut t, REG_QUEUE_READY, 1);
-        wr(&mut t, REG_STATUS, ALL_OK | status::DRIVER_OK);
+        let (mut t, vq) = rng_up(&mem);
         assert!(t.is_activated());
 
         let w = VRING_DESC_F_WRITE as u16;
