@@ -42,7 +42,7 @@ pub enum MemoryError {
 }
 
 /// Creates the memfd for `size` bytes.
-fn create_memfd(size: u64) -> Result<File, MemoryError> {
+pub(crate) fn create_memfd(size: u64) -> Result<File, MemoryError> {
     // SAFETY: the name is a valid nul-terminated string; the return value is checked.
     let fd = unsafe { libc::memfd_create(MEMFD_NAME.as_ptr(), libc::MFD_CLOEXEC) };
     if fd < 0 {

@@ -608,12 +608,6 @@ fn load_snapshot(
             state.devices.len()
         )));
     }
-    if !config.fs.is_empty() {
-        return Err(mismatch(
-            "virtio-fs devices cannot be restored (their queues live in the vhost-user backend)"
-                .into(),
-        ));
-    }
     Ok(state)
 }
 
@@ -686,8 +680,16 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         memory::RamBacking::SharedMemfd
     };
     let mem = match (&snapshot, &config.restore) {
-        (Some(state), Some(dir)) => persist::memory::map(&persist::paths(dir).1, &state.memory)
-            .map_err(|e| VmError::Snapshot(SnapshotError::Mismatch(e.to_string())))?,
+        (Some(state), Some(dir)) => {
+            let file = persist::paths(dir).1;
+            let mapped = match backing {
+                memory::RamBacking::Anonymous => persist::memory::map(&file, &state.memory),
+                memory::RamBacking::SharedMemfd => {
+                    persist::memory::copy_to_shared_memfd(&file, &state.memory)
+                }
+            };
+            mapped.map_err(|e| VmError::Snapshot(SnapshotError::Mismatch(e.to_string())))?
+        }
         _ => memory::create_guest_memory(mem_size, backing)?,
     };
     register_memory(&vm, &mem)?;
@@ -701,7 +703,8 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     metrics.write(serde_json::json!({
         "event": "guest_ram",
         "backing": match (&snapshot, backing) {
-            (Some(_), _) => "snapshot_private",
+            (Some(_), memory::RamBacking::Anonymous) => "snapshot_private",
+            (Some(_), memory::RamBacking::SharedMemfd) => "snapshot_copied_to_shared_memfd",
             (None, memory::RamBacking::Anonymous) => "anonymous",
             (None, memory::RamBacking::SharedMemfd) => "shared_memfd",
         },

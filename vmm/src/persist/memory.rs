@@ -94,8 +94,8 @@ pub fn save(
     Ok((layout, written))
 }
 
-/// Maps the memory file privately at the saved layout.
-pub fn map(path: &Path, layout: &[MemoryRegionState]) -> Result<GuestMemory, MemoryFileError> {
+/// Opens the memory file and checks it against the saved layout.
+fn open_checked(path: &Path, layout: &[MemoryRegionState]) -> Result<File, MemoryFileError> {
     let name = || path.display().to_string();
     let file = File::open(path).map_err(|source| MemoryFileError::Io {
         path: name(),
@@ -130,6 +130,17 @@ pub fn map(path: &Path, layout: &[MemoryRegionState]) -> Result<GuestMemory, Mem
             expected,
         });
     }
+    Ok(file)
+}
+
+/// Maps `file` at `layout` with `flags` (MAP_PRIVATE or MAP_SHARED).
+fn map_layout(
+    path: &Path,
+    file: &File,
+    layout: &[MemoryRegionState],
+    flags: i32,
+) -> Result<GuestMemory, MemoryFileError> {
+    let name = || path.display().to_string();
     let mut regions = Vec::with_capacity(layout.len());
     for r in layout {
         let fo = FileOffset::new(
@@ -142,7 +153,7 @@ pub fn map(path: &Path, layout: &[MemoryRegionState]) -> Result<GuestMemory, Mem
         let mapping = MmapRegionBuilder::new(r.len as usize)
             .with_file_offset(fo)
             .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
-            .with_mmap_flags(libc::MAP_PRIVATE | libc::MAP_NORESERVE)
+            .with_mmap_flags(flags | libc::MAP_NORESERVE)
             .build()
             .map_err(|source| MemoryFileError::Map {
                 path: name(),
@@ -155,6 +166,82 @@ pub fn map(path: &Path, layout: &[MemoryRegionState]) -> Result<GuestMemory, Mem
         regions.push(region);
     }
     GuestMemory::from_regions(regions).map_err(|e| MemoryFileError::Layout(e.to_string()))
+}
+
+/// Maps the memory file privately at the saved layout.
+pub fn map(path: &Path, layout: &[MemoryRegionState]) -> Result<GuestMemory, MemoryFileError> {
+    let file = open_checked(path, layout)?;
+    map_layout(path, &file, layout, libc::MAP_PRIVATE)
+}
+
+/// Copies the memory file into a fresh shared memfd and maps that: a vhost-user backend
+/// (virtiofsd) must map guest RAM itself, which a private file mapping cannot give it. Only
+/// the file's data extents are read (holes are the memfd's zeroes already), so the copy
+/// costs the snapshot's written bytes, not the VM's size. Clones made this way share no pages.
+pub fn copy_to_shared_memfd(
+    path: &Path,
+    layout: &[MemoryRegionState],
+) -> Result<GuestMemory, MemoryFileError> {
+    let file = open_checked(path, layout)?;
+    let size: u64 = layout.iter().map(|r| r.len).sum();
+    let memfd = crate::memory::create_memfd(size).map_err(|e| MemoryFileError::Io {
+        path: "guest RAM memfd".into(),
+        source: std::io::Error::other(e.to_string()),
+    })?;
+    let mem = map_layout(path, &memfd, layout, libc::MAP_SHARED)?;
+    let io = |source| MemoryFileError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    for (r, region) in layout.iter().zip(mem.iter()) {
+        // SAFETY: the region is a fresh shared mapping of `r.len` bytes that nothing else
+        // uses yet (no vCPU or device exists).
+        let bytes = unsafe { std::slice::from_raw_parts_mut(region.as_ptr(), r.len as usize) };
+        for (start, end) in data_extents(&file, r.file_offset, r.file_offset + r.len).map_err(io)? {
+            let at = (start - r.file_offset) as usize;
+            let len = (end - start) as usize;
+            file.read_exact_at(&mut bytes[at..at + len], start)
+                .map_err(io)?;
+        }
+    }
+    Ok(mem)
+}
+
+/// The data extents of `file` within `[from, to)` (SEEK_DATA / SEEK_HOLE), as
+/// `(start, end)` offsets. A file system without them reports all of it as data.
+fn data_extents(file: &File, from: u64, to: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    use std::os::fd::AsRawFd;
+    let seek = |offset: u64, whence: i32| -> std::io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; the result is checked.
+        let r = unsafe { libc::lseek(file.as_raw_fd(), offset as libc::off_t, whence) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            // ENXIO: no data at or after `offset`.
+            return if e.raw_os_error() == Some(libc::ENXIO) {
+                Ok(None)
+            } else {
+                Err(e)
+            };
+        }
+        Ok(Some(r as u64))
+    };
+    let mut extents = Vec::new();
+    let mut at = from;
+    while at < to {
+        let Some(start) = seek(at, libc::SEEK_DATA)? else {
+            break;
+        };
+        if start >= to {
+            break;
+        }
+        let end = seek(start, libc::SEEK_HOLE)?.unwrap_or(to).min(to);
+        if end <= start {
+            break;
+        }
+        extents.push((start, end));
+        at = end;
+    }
+    Ok(extents)
 }
 
 #[cfg(test)]
@@ -224,5 +311,55 @@ mod tests {
         bad[0].len = 123;
         let e = map(&path, &bad).unwrap_err();
         assert!(matches!(e, MemoryFileError::Layout(_)), "{e}");
+    }
+
+    #[test]
+    fn a_shared_copy_holds_the_saved_bytes_and_is_a_memfd() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("memory");
+        let mem = create_guest_memory(64 << 20, RamBacking::Anonymous).unwrap();
+        mem.write_obj(0xfeed_f00d_u32, GuestAddress(0x1000))
+            .unwrap();
+        mem.write_obj(0x1234_u32, GuestAddress((64 << 20) - 4))
+            .unwrap();
+        let (layout, _) = save(&mem, &path).unwrap();
+        let copy = copy_to_shared_memfd(&path, &layout).unwrap();
+        assert_eq!(
+            copy.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xfeed_f00d
+        );
+        assert_eq!(
+            copy.read_obj::<u32>(GuestAddress((64 << 20) - 4)).unwrap(),
+            0x1234
+        );
+        assert_eq!(copy.read_obj::<u32>(GuestAddress(0x2000)).unwrap(), 0);
+        // A vhost-user backend can map it: every region has a file behind it.
+        for region in copy.iter() {
+            assert!(region.file_offset().is_some());
+        }
+        // Writes go to the memfd, never to the snapshot.
+        copy.write_obj(7u32, GuestAddress(0x1000)).unwrap();
+        let again = map(&path, &layout).unwrap();
+        assert_eq!(
+            again.read_obj::<u32>(GuestAddress(0x1000)).unwrap(),
+            0xfeed_f00d
+        );
+    }
+
+    #[test]
+    fn data_extents_skip_holes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse");
+        let f = File::create(&path).unwrap();
+        f.set_len(4 << 20).unwrap();
+        f.write_all_at(&[1u8; PAGE], 1 << 20).unwrap();
+        let f = File::open(&path).unwrap();
+        let ext = data_extents(&f, 0, 4 << 20).unwrap();
+        let covered: u64 = ext.iter().map(|(s, e)| e - s).sum();
+        assert!(
+            ext.iter()
+                .any(|&(s, e)| s <= 1 << 20 && e >= (1 << 20) + PAGE as u64)
+        );
+        assert!(covered < 4 << 20, "holes are skipped: {ext:?}");
     }
 }

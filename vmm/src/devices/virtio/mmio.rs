@@ -459,6 +459,7 @@ impl MmioTransport {
                     next_used,
                 })
                 .collect(),
+            identity: self.device.identity(),
         })
     }
 
@@ -479,6 +480,13 @@ impl MmioTransport {
             return Err(TransportRestoreError::DeviceType {
                 saved: state.device_type,
                 configured,
+            });
+        }
+        let identity = device.identity();
+        if state.identity != identity {
+            return Err(TransportRestoreError::Identity {
+                saved: state.identity.clone(),
+                configured: identity,
             });
         }
         let max_sizes = device.queue_max_sizes().to_vec();

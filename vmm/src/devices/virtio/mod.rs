@@ -85,9 +85,13 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self) -> bool {
         false
     }
+    /// What the driver learnt of the device's host side at probe time and cannot learn
+    /// again (a virtio-fs tag): saved in a snapshot and compared on restore.
+    fn identity(&self) -> Option<String> {
+        None
+    }
     /// Stops the active device's processing for a snapshot, keeping its host resources, and
-    /// hands back its queues with their positions. Devices whose queue state lives outside
-    /// the VMM (vhost-user) cannot, and say so.
+    /// hands back its queues with their positions. Devices that cannot say so.
     fn quiesce(&mut self) -> Result<Vec<Queue>, String> {
         Err(format!(
             "virtio device type {} cannot be snapshotted",

@@ -33,6 +33,9 @@ pub struct TransportState {
     pub interrupt_status: u32,
     pub needs_reset: bool,
     pub queues: Vec<QueueState>,
+    /// [`VirtioDevice::identity`](super::VirtioDevice::identity) at snapshot time.
+    #[serde(default)]
+    pub identity: Option<String>,
 }
 
 /// Why a saved transport does not fit the device the configuration describes.
@@ -54,6 +57,15 @@ pub enum TransportRestoreError {
     Queue { index: usize, message: String },
     #[error("the snapshot's features {saved:#x} are not all offered by the device ({offered:#x})")]
     Features { saved: u64, offered: u64 },
+    #[error(
+        "the snapshot's device is {}, the configuration's {}",
+        saved.as_deref().unwrap_or("unnamed"),
+        configured.as_deref().unwrap_or("unnamed")
+    )]
+    Identity {
+        saved: Option<String>,
+        configured: Option<String>,
+    },
     #[error("activating the restored device: {0}")]
     Activate(String),
 }

@@ -2,8 +2,10 @@
 //! served by an external backend (virtiofsd).
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 
 use tracing::{error, info, warn};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
 
 use super::config_space::{FsConfigSpace, TagError};
@@ -44,6 +46,7 @@ pub enum FsError {
 pub struct Fs {
     /// How logs name this device.
     name: String,
+    tag: String,
     config_space: FsConfigSpace,
     conn: Connection,
     avail_features: u64,
@@ -51,6 +54,9 @@ pub struct Fs {
     relay: Option<Worker<relay::RelayEnd>>,
     /// Rings handed to the backend, to stop on reset.
     started_rings: usize,
+    /// The active queues' registers and guest RAM, kept for a snapshot (the backend holds
+    /// the ring positions; these say where the rings are).
+    active: Option<(GuestMemory, Vec<Queue>)>,
 }
 
 impl Fs {
@@ -68,23 +74,32 @@ impl Fs {
         info!("{name}: connected, offering features {avail_features:#x}");
         Ok(Self {
             name,
+            tag: config.tag.clone(),
             config_space,
             conn,
             avail_features,
             acked_features: 0,
             relay: None,
             started_rings: 0,
+            active: None,
         })
     }
 
-    fn stop_backend(&mut self) {
+    /// Stops the rings the backend serves; returns their bases (the backend's next
+    /// available index) when it could say.
+    fn stop_backend(&mut self) -> Option<Vec<u32>> {
         if self.started_rings == 0 {
-            return;
+            return None;
         }
-        if let Err(e) = self.conn.stop(self.started_rings) {
-            warn!("{}: stopping the rings: {e}", self.name);
-        }
+        let bases = match self.conn.stop(self.started_rings) {
+            Ok(b) => Some(b),
+            Err(e) => {
+                warn!("{}: stopping the rings: {e}", self.name);
+                None
+            }
+        };
         self.started_rings = 0;
+        bases
     }
 }
 
@@ -187,6 +202,7 @@ impl VirtioDevice for Fs {
             queues.len(),
             self.acked_features
         );
+        self.active = Some((mem, queues.into_iter().map(|q| q.queue).collect()));
         Ok(())
     }
 
@@ -195,8 +211,56 @@ impl VirtioDevice for Fs {
         if let Some(w) = self.relay.take() {
             w.stop();
         }
+        self.active = None;
         self.acked_features = 0;
         true
+    }
+
+    fn identity(&self) -> Option<String> {
+        // The driver read the tag at probe time: a restore must offer the same one.
+        Some(format!("virtio-fs tag {}", self.tag))
+    }
+
+    /// Only a share the guest never used can move to another backend: once mounted, its
+    /// FUSE session (inodes, open files) lives in this virtiofsd. A template VM is
+    /// snapshotted before any container mounts its share, so the rings are still empty.
+    fn quiesce(&mut self) -> Result<Vec<Queue>, String> {
+        let Some((mem, queues)) = &self.active else {
+            return Err(format!("{}: not active", self.name));
+        };
+        for (index, q) in queues.iter().enumerate() {
+            let published = q
+                .avail_idx(mem, Ordering::Acquire)
+                .map_err(|e| format!("{}: queue {index}: {e}", self.name))?;
+            if published.0 != 0 {
+                return Err(format!(
+                    "{}: the guest has used the share (queue {index} carried {} requests); its \
+                     FUSE session lives in virtiofsd, so only a VM that never mounted it can be \
+                     snapshotted",
+                    self.name, published.0
+                ));
+            }
+        }
+        let bases = self.stop_backend();
+        if let Some(w) = self.relay.take() {
+            w.stop();
+        }
+        let Some((_, mut queues)) = self.active.take() else {
+            return Err(format!("{}: not active", self.name));
+        };
+        if let Some(bases) = bases
+            && bases.iter().any(|&b| b != 0)
+        {
+            return Err(format!(
+                "{}: the backend had consumed requests (ring bases {bases:?})",
+                self.name
+            ));
+        }
+        for q in &mut queues {
+            q.set_next_avail(0);
+            q.set_next_used(0);
+        }
+        Ok(queues)
     }
 }
 

@@ -84,7 +84,12 @@ fn reply(sock: &mut UnixStream, request: u32, body: &[u8]) {
 }
 
 /// Serves one frontend until it hangs up, answering like a virtio-fs backend would.
-fn serve(mut sock: UnixStream, log: Log) {
+fn serve(sock: UnixStream, log: Log) {
+    serve_with_base(sock, log, 7)
+}
+
+/// [`serve`], answering GET_VRING_BASE with `base`.
+fn serve_with_base(mut sock: UnixStream, log: Log, base: u32) {
     loop {
         let mut hdr = [0u8; 12];
         let (n, fd) = match sock.recv_with_fd(&mut hdr) {
@@ -108,7 +113,7 @@ fn serve(mut sock: UnixStream, log: Log) {
             GET_VRING_BASE => {
                 let (index, _) = rec.state();
                 let mut b = index.to_le_bytes().to_vec();
-                b.extend_from_slice(&7u32.to_le_bytes());
+                b.extend_from_slice(&base.to_le_bytes());
                 Some(b)
             }
             _ => None,
@@ -318,4 +323,106 @@ fn eventfd(file: File) -> EventFd {
     // SAFETY: the device only sends eventfds as kick and call fds; ownership moves from the
     // File, which is not used again.
     unsafe { EventFd::from_raw_fd(file.into_raw_fd()) }
+}
+
+/// A backend on a fresh socket, served on a thread; returns the socket path and its log.
+fn spawn_backend(dir: &std::path::Path, name: &str, base: u32) -> (std::path::PathBuf, Log) {
+    let socket = dir.join(name);
+    let listener = UnixListener::bind(&socket).unwrap();
+    let log: Log = Arc::default();
+    let backend_log = log.clone();
+    std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        serve_with_base(sock, backend_log, base);
+    });
+    (socket, log)
+}
+
+#[test]
+fn an_unused_share_snapshots_and_restores_onto_a_new_backend_with_the_same_tag() {
+    use crate::devices::virtio::persist::TransportRestoreError;
+    use vm_memory::{Bytes, GuestAddress};
+
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/husk-fs-test").unwrap();
+    let (first, _) = spawn_backend(dir.as_path(), "first.sock", 0);
+    let mem = create_guest_memory(64 << 20, RamBacking::SharedMemfd).unwrap();
+    let dev = Fs::new(&FsConfig {
+        socket: first,
+        tag: "share".into(),
+    })
+    .unwrap();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(mem.clone(), Box::new(dev), Interrupt::new(irq));
+    bring_up(&mut t);
+    assert!(t.is_activated());
+    let state = t.snapshot().expect("an unused share can be snapshotted");
+    assert_eq!(state.identity.as_deref(), Some("virtio-fs tag share"));
+    assert!(state.activated);
+    assert!(
+        state
+            .queues
+            .iter()
+            .all(|q| q.next_avail == 0 && q.next_used == 0),
+        "{state:?}"
+    );
+
+    // The clone's share is served by another virtiofsd: same tag, other socket.
+    let (second, log) = spawn_backend(dir.as_path(), "second.sock", 0);
+    let dev = Fs::new(&FsConfig {
+        socket: second.clone(),
+        tag: "share".into(),
+    })
+    .unwrap();
+    log.lock().unwrap().clear();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut r = MmioTransport::restore(
+        mem.clone(),
+        Box::new(dev),
+        Interrupt::new(irq),
+        None,
+        &state,
+    )
+    .expect("restore");
+    r.start_restored().expect("start on the new backend");
+    assert!(r.is_activated());
+    {
+        let log = log.lock().unwrap();
+        let reqs: Vec<u32> = log.iter().map(|r| r.request).collect();
+        assert_eq!(&reqs[..2], &[SET_FEATURES, SET_MEM_TABLE], "{reqs:?}");
+        let bases: Vec<(u32, u32)> = log
+            .iter()
+            .filter(|r| r.request == SET_VRING_BASE)
+            .map(Received::state)
+            .collect();
+        assert_eq!(bases, vec![(0, 0), (1, 0)]);
+    }
+
+    // Another tag: the guest driver knows the old one, so the restore is refused.
+    let (third, _) = spawn_backend(dir.as_path(), "third.sock", 0);
+    let dev = Fs::new(&FsConfig {
+        socket: third,
+        tag: "other".into(),
+    })
+    .unwrap();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let err = MmioTransport::restore(
+        mem.clone(),
+        Box::new(dev),
+        Interrupt::new(irq),
+        None,
+        &state,
+    )
+    .err()
+    .expect("a different tag is refused");
+    assert!(
+        matches!(err, TransportRestoreError::Identity { .. }),
+        "{err}"
+    );
+    assert!(err.to_string().contains("tag share"), "{err}");
+
+    // Once the guest has published a request (a mount sends FUSE_INIT), the share's
+    // session lives in the backend: no snapshot.
+    mem.write_obj(1u16, GuestAddress(0x20_1000 + 2)).unwrap();
+    let err = r.snapshot().expect_err("a used share is refused");
+    assert!(err.contains("never mounted"), "{err}");
 }

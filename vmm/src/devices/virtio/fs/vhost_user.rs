@@ -249,19 +249,24 @@ impl Connection {
 
     /// Stops the first `count` rings (driver reset): disables them and asks for their
     /// base, which makes the backend stop processing them (vhost-user spec, GET_VRING_BASE).
-    pub fn stop(&mut self, count: usize) -> Result<(), VhostUserError> {
+    /// Returns each ring's base: the backend's next available index.
+    pub fn stop(&mut self, count: usize) -> Result<Vec<u32>, VhostUserError> {
         let mut first = None;
+        let mut bases = Vec::with_capacity(count);
         for index in 0..count {
             if self.protocol
                 && let Err(e) = self.frontend.set_vring_enable(index, false)
             {
                 first.get_or_insert(step("SET_VRING_ENABLE")(e));
             }
-            if let Err(e) = self.frontend.get_vring_base(index) {
-                first.get_or_insert(step("GET_VRING_BASE")(e));
+            match self.frontend.get_vring_base(index) {
+                Ok(b) => bases.push(b),
+                Err(e) => {
+                    first.get_or_insert(step("GET_VRING_BASE")(e));
+                }
             }
         }
-        first.map_or(Ok(()), Err)
+        first.map_or(Ok(bases), Err)
     }
 }
 
