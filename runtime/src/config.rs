@@ -33,6 +33,7 @@ pub struct FileConfig {
     pub boot_timeout_secs: Option<u64>,
     pub guest_console: Option<PathBuf>,
     pub kernel_cmdline: Option<String>,
+    pub template: Option<String>,
 }
 
 /// The configuration in effect (defaults filled in, values checked).
@@ -55,6 +56,8 @@ pub struct Config {
     pub boot_timeout_secs: u64,
     pub guest_console: Option<PathBuf>,
     pub kernel_cmdline: String,
+    /// Restore VMs from a matching template (`husk template create`) or always boot cold.
+    pub template: crate::template::TemplateMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +226,12 @@ impl Config {
                 "only ASCII is allowed",
             ));
         }
+        let template = match file.template {
+            Some(t) => t
+                .parse::<crate::template::TemplateMode>()
+                .map_err(|why| invalid("template", t.clone(), &why))?,
+            None => crate::template::TemplateMode::default(),
+        };
         Ok(Config {
             source: source.to_owned(),
             kernel: file.kernel,
@@ -241,6 +250,7 @@ impl Config {
             boot_timeout_secs,
             guest_console: file.guest_console,
             kernel_cmdline,
+            template,
         })
     }
 
@@ -349,6 +359,7 @@ mod tests {
         assert_eq!(c.rootfs_mode, RootfsMode::Virtiofs);
         assert_eq!(c.log_level, "warn");
         assert_eq!(c.boot_timeout_secs, 120);
+        assert_eq!(c.template, crate::template::TemplateMode::Auto);
     }
 
     #[test]
@@ -367,6 +378,7 @@ mod tests {
             boot_timeout_secs = 30
             guest_console = "/tmp/console.log"
             kernel_cmdline = "husk.agent_log=info"
+            template = "off"
             "#,
         )
         .unwrap();
@@ -375,6 +387,7 @@ mod tests {
         assert_eq!(c.rootfs_mode, RootfsMode::Block);
         assert_eq!(c.boot_timeout_secs, 30);
         assert_eq!(c.kernel_cmdline, "husk.agent_log=info");
+        assert_eq!(c.template, crate::template::TemplateMode::Off);
     }
 
     #[test]
@@ -388,6 +401,11 @@ mod tests {
         assert!(err.contains("memory_mib = 16"), "{err}");
         let err = parse("rootfs_mode = \"nfs\"").unwrap_err().to_string();
         assert!(err.contains("rootfs_mode") && err.contains("nfs"), "{err}");
+        let err = parse("template = \"on\"").unwrap_err().to_string();
+        assert!(
+            err.contains("template") && err.contains("auto or off"),
+            "{err}"
+        );
         let err = parse("cpu_template = \"fast\"").unwrap_err().to_string();
         assert!(err.contains("cpu_template"), "{err}");
         let err = parse("log_level = \"loud\"").unwrap_err().to_string();

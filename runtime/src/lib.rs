@@ -20,6 +20,7 @@ pub mod signal;
 pub mod sizing;
 pub mod spec_default;
 pub mod state;
+pub mod template;
 pub mod time;
 pub mod vm_config;
 pub mod volumes;

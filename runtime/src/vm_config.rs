@@ -30,6 +30,14 @@ pub fn path_arg(p: &Path) -> Result<String, VmConfigError> {
     Ok(s.to_owned())
 }
 
+/// How a VM comes to life: its kernel boots, or a template's snapshot is restored.
+#[derive(Debug, Clone, Copy)]
+pub enum Launch<'a> {
+    Boot,
+    /// The template folder (state and memory files) to restore.
+    Restore(&'a Path),
+}
+
 /// The VMM configuration: kernel, initramfs, CPU template, console and command line from
 /// `config`, the VM's size, its hybrid-vsock socket and extra device arguments.
 pub fn vm_config(
@@ -38,12 +46,30 @@ pub fn vm_config(
     vm_socket: &Path,
     devices: Vec<String>,
 ) -> Result<husk_vmm::config::VmConfig, VmConfigError> {
-    let mut args: Vec<String> = vec![
-        "husk-vmm".into(),
-        "--kernel".into(),
-        path_arg(&config.kernel_path()?)?,
-        "--initramfs".into(),
-        path_arg(&config.initramfs_path()?)?,
+    launch_config(config, size, vm_socket, devices, Launch::Boot)
+}
+
+/// [`vm_config`] for either kind of launch. A restore leaves out the kernel, initramfs and
+/// command line (the snapshot's guest is already past them); the devices must be the
+/// template's slots, bound to this VM's host sides.
+pub fn launch_config(
+    config: &Config,
+    size: VmSize,
+    vm_socket: &Path,
+    devices: Vec<String>,
+    launch: Launch<'_>,
+) -> Result<husk_vmm::config::VmConfig, VmConfigError> {
+    let mut args: Vec<String> = vec!["husk-vmm".into()];
+    match launch {
+        Launch::Boot => args.extend([
+            "--kernel".into(),
+            path_arg(&config.kernel_path()?)?,
+            "--initramfs".into(),
+            path_arg(&config.initramfs_path()?)?,
+        ]),
+        Launch::Restore(dir) => args.extend(["--restore".into(), path_arg(dir)?]),
+    }
+    args.extend([
         "--memory-mib".into(),
         size.memory_mib.to_string(),
         "--vcpus".into(),
@@ -52,13 +78,13 @@ pub fn vm_config(
         path_arg(vm_socket)?,
         "--cpu-template".into(),
         config.cpu_template.clone(),
-    ];
+    ]);
     args.extend(devices);
     if let Some(console) = &config.guest_console {
         args.push("--console".into());
         args.push(format!("file:{}", path_arg(console)?));
     }
-    if !config.kernel_cmdline.is_empty() {
+    if matches!(launch, Launch::Boot) && !config.kernel_cmdline.is_empty() {
         args.push(format!("--cmdline={}", config.kernel_cmdline));
     }
     let cli = <husk_vmm::config::Cli as clap::Parser>::try_parse_from(&args)
@@ -76,5 +102,31 @@ mod tests {
         assert_eq!(path_arg(Path::new("/a/b.sock")).unwrap(), "/a/b.sock");
         let err = path_arg(Path::new("/a,b")).unwrap_err();
         assert!(err.to_string().contains("comma"), "{err}");
+    }
+
+    #[test]
+    fn a_restore_names_the_snapshot_and_no_kernel() {
+        let config = Config::parse(
+            "kernel = \"/k\"\ninitramfs = \"/i\"\nkernel_cmdline = \"quiet\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        let size = VmSize {
+            vcpus: 1,
+            memory_mib: 128,
+        };
+        let sock = Path::new("/run/x/vm.sock");
+        let boot = vm_config(&config, size, sock, vec![]).unwrap();
+        assert_eq!(boot.restore, None);
+        let restore = launch_config(
+            &config,
+            size,
+            sock,
+            vec![],
+            Launch::Restore(Path::new("/t/k")),
+        )
+        .unwrap();
+        assert_eq!(restore.restore, Some("/t/k".into()));
+        assert!(restore.initramfs.is_none());
     }
 }

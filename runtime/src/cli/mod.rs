@@ -14,6 +14,7 @@ mod logging;
 mod monitor;
 mod oci_state;
 mod relay;
+mod template;
 
 /// Exit code when husk itself fails (unknown id, bad input, VM trouble).
 const FAILURE: i32 = husk_runtime::exit::FAILURE;
@@ -174,6 +175,9 @@ pub enum Command {
     },
     /// Check whether this host can run husk and what to fix.
     Check,
+    /// Manage VM templates (snapshots restored instead of booting; docs/snapshots.md).
+    #[command(subcommand)]
+    Template(template::TemplateCommand),
     /// Internal: the per-container monitor started by `create`.
     #[command(name = "__monitor", hide = true)]
     Monitor(monitor::MonitorArgs),
@@ -263,6 +267,7 @@ fn dispatch(cli: Cli) -> Result<i32> {
             rootless: _,
         } => info::spec(&bundle).map(|()| 0),
         Command::Check => check::check(),
+        Command::Template(cmd) => template::run(&g, cmd),
         Command::Monitor(args) => Ok(monitor::main(&g, args)),
         Command::ExecMonitor(args) => Ok(exec::monitor_main(&g, args)),
     }

@@ -30,7 +30,8 @@ use husk_runtime::sizing::{HOST_MEMORY_OVERHEAD_MIB, VmSize};
 use husk_runtime::state::{
     ContainerState, ExitRecord, FS_SOCKET, ROOTFS_IMAGE, RootfsMode, StateStore, Status, VM_SOCKET,
 };
-use husk_runtime::vm_config::{path_arg, vm_config};
+use husk_runtime::template::{Lookup, Template, TemplateInputs, TemplateStore, slots_for};
+use husk_runtime::vm_config::{Launch, launch_config, path_arg};
 use husk_runtime::volumes::{self, SHARE_TAG, SHM_MOUNT, SHM_OPTIONS, SharedBinds, SharedFolder};
 use husk_runtime::{console, exit, hooks, rootfs_image};
 use husk_vmm::stop::StopReason;
@@ -168,25 +169,15 @@ impl Monitor {
             vcpus: st.vcpus,
             memory_mib: st.memory_mib,
         };
-        let vm_config = vm_config(&config, size, &vm_socket, vmm_args)?;
+        let template = choose_template(&g.root, &config, size, st.rootfs_mode, &binds);
+        let launch = match &template {
+            Some(t) => Launch::Restore(&t.dir),
+            None => Launch::Boot,
+        };
+        let vm_config = launch_config(&config, size, &vm_socket, vmm_args, launch)?;
 
-        let (tx, vmm_done) = tokio::sync::oneshot::channel();
         let started = Instant::now();
-        std::thread::Builder::new()
-            .name("vmm".into())
-            .spawn(move || {
-                let result = husk_vmm::vm::run(&vm_config, started).map_err(|e| {
-                    let mut msg = e.to_string();
-                    let mut src = std::error::Error::source(&e);
-                    while let Some(s) = src {
-                        msg.push_str(&format!(": {s}"));
-                        src = s.source();
-                    }
-                    msg
-                });
-                let _ = tx.send(result);
-            })
-            .context("starting the VMM thread")?;
+        let vmm_done = spawn_vmm(vm_config, started)?;
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -203,6 +194,23 @@ impl Monitor {
             // Container creation forks and mounts in a guest that may be slow (nested PVM,
             // a loaded host): the boot timeout bounds the set-up calls too.
             let client = client.with_rpc_timeout(Duration::from_secs(config.boot_timeout_secs));
+            if let Some(t) = &template {
+                // Before anything else runs in it: every clone of a template starts with the
+                // template's entropy pool and clock.
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as i64)
+                    .unwrap_or_default();
+                client
+                    .restored(host_entropy()?, now)
+                    .await
+                    .context("making the restored VM unique (Restored: reseed and set the clock)")?;
+                tracing::info!(
+                    template = t.manifest.key,
+                    ms = started.elapsed().as_millis() as u64,
+                    "VM restored from its template"
+                );
+            }
             anyhow::Ok((client, vmm_done))
         })?;
 
@@ -390,7 +398,113 @@ fn enter_host_cgroup(bundle: &Bundle, vm_memory_mib: u64) -> Result<Option<HostC
         .with_context(|| format!("linux.cgroupsPath {path:?}"))
 }
 
-fn describe_stop(
+/// The VMM's outcome, sent when its thread ends.
+pub(super) type VmmDone = tokio::sync::oneshot::Receiver<Result<StopReason, String>>;
+
+/// Runs the VMM of `vm_config` on a thread of its own (it dies with this process).
+pub(super) fn spawn_vmm(
+    vm_config: husk_vmm::config::VmConfig,
+    started: Instant,
+) -> Result<VmmDone> {
+    let (tx, vmm_done) = tokio::sync::oneshot::channel();
+    std::thread::Builder::new()
+        .name("vmm".into())
+        .spawn(move || {
+            let result = husk_vmm::vm::run(&vm_config, started).map_err(|e| {
+                let mut msg = e.to_string();
+                let mut src = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg.push_str(&format!(": {s}"));
+                    src = s.source();
+                }
+                msg
+            });
+            let _ = tx.send(result);
+        })
+        .context("starting the VMM thread")?;
+    Ok(vmm_done)
+}
+
+/// 64 bytes from the host's CSPRNG for a restored guest.
+fn host_entropy() -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; 64];
+    std::io::Read::read_exact(
+        &mut File::open("/dev/urandom").context("opening /dev/urandom")?,
+        &mut buf,
+    )
+    .context("reading /dev/urandom")?;
+    Ok(buf)
+}
+
+/// The template this container's VM restores from, under `template = "auto"`; `None` boots
+/// cold, with one log line saying why.
+fn choose_template(
+    root: &Path,
+    config: &Config,
+    size: VmSize,
+    mode: RootfsMode,
+    binds: &SharedBinds,
+) -> Option<Template> {
+    if config.template == husk_runtime::template::TemplateMode::Off {
+        return None;
+    }
+    let slots = match slots_for(mode, !binds.binds.is_empty(), SHARE_TAG) {
+        Ok(s) => s,
+        Err(why) => {
+            tracing::info!("booting cold: {why}");
+            return None;
+        }
+    };
+    let cpu = match config
+        .cpu_template
+        .parse::<husk_vmm::cpu_template::TemplateChoice>()
+    {
+        Ok(c) => c.resolve(husk_vmm::host::probe()),
+        Err(e) => {
+            tracing::warn!("booting cold: cpu_template: {e}");
+            return None;
+        }
+    };
+    let inputs = match TemplateInputs::new(config, size, cpu.name(), slots) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::warn!("booting cold: the template inputs cannot be read: {e}");
+            return None;
+        }
+    };
+    tracing::debug!(
+        inputs = %serde_json::to_string(&inputs).unwrap_or_default(),
+        "template inputs of this VM"
+    );
+    match TemplateStore::new(root).find(&inputs) {
+        Ok(Lookup::Found(t)) => match husk_vmm::persist::MachineState::read(&t.dir) {
+            Ok(_) => Some(*t),
+            Err(e) => {
+                tracing::warn!(
+                    "booting cold: template {} is unusable ({e}); remove it with `husk template rm {}`",
+                    t.manifest.key,
+                    t.manifest.key
+                );
+                None
+            }
+        },
+        Ok(Lookup::Missing(key)) => {
+            tracing::info!(
+                "booting cold: no template {key} for this VM ({}); `husk template create --vcpus {} --memory-mib {}` makes one",
+                inputs.summary(),
+                size.vcpus,
+                size.memory_mib
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!("booting cold: looking up the template: {e}");
+            None
+        }
+    }
+}
+
+pub(super) fn describe_stop(
     r: Result<Result<StopReason, String>, tokio::sync::oneshot::error::RecvError>,
 ) -> String {
     match r {
@@ -492,7 +606,11 @@ pub fn update(
 /// Starts virtiofsd sharing `folder` on `socket`, with the folder's binds made in its own
 /// mount namespace. It dies with the monitor (PDEATHSIG), and its pid is recorded so
 /// `delete` can kill it if it outlives a SIGKILLed monitor anyway.
-fn spawn_virtiofsd(config: &Config, folder: &SharedFolder, socket: &Path) -> Result<Child> {
+pub(super) fn spawn_virtiofsd(
+    config: &Config,
+    folder: &SharedFolder,
+    socket: &Path,
+) -> Result<Child> {
     let bin = config.virtiofsd_path().ok_or_else(|| {
         anyhow!(
             "sharing the rootfs (rootfs_mode = \"virtiofs\") or host bind mounts needs virtiofsd: install it (`cargo install virtiofsd`, needs libseccomp-dev and libcap-ng-dev) or set `virtiofsd` in {}",

@@ -1,0 +1,316 @@
+//! `husk template create | list | rm`: VM templates under the state root
+//! (`husk_runtime::template`). `create` boots a VM with the device slots a container needs
+//! (a virtio-fs share served by a virtiofsd on an empty folder), waits for its agent and
+//! snapshots it; `husk create`/`run` then restore it (with `template = "auto"`).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Subcommand;
+use husk_protocol::client::{Target, connect_with_retry};
+use husk_runtime::config::Config;
+use husk_runtime::sizing::VmSize;
+use husk_runtime::state::RootfsMode;
+use husk_runtime::template::{
+    Lookup, Manifest, Template, TemplateInputs, TemplateStore, disk_usage, slots_for,
+};
+use husk_runtime::vm_config::{path_arg, vm_config};
+use husk_runtime::volumes::{SHARE_TAG, SharedFolder};
+use husk_vmm::stop::StopReason;
+
+use super::GlobalOpts;
+use super::monitor::{describe_stop, spawn_virtiofsd, spawn_vmm};
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCommand {
+    /// Boot a VM to its agent and keep its snapshot as the template of VMs of that size.
+    Create {
+        /// vCPUs [default: `vcpus` of the configuration].
+        #[arg(long)]
+        vcpus: Option<u8>,
+        /// Guest memory in MiB, before the CPU template's rounding [default: `memory_mib`].
+        #[arg(long)]
+        memory_mib: Option<u64>,
+        /// Build it again even if a template with the same inputs exists.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List the templates (key, size, slots, whether the current configuration uses it).
+    List {
+        /// `table` or `json`.
+        #[arg(short, long, default_value = "table")]
+        format: String,
+    },
+    /// Remove templates by key (VMs restored from one keep running).
+    Rm {
+        /// Remove every template.
+        #[arg(long)]
+        all: bool,
+        keys: Vec<String>,
+    },
+}
+
+pub fn run(g: &GlobalOpts, cmd: TemplateCommand) -> Result<i32> {
+    match cmd {
+        TemplateCommand::Create {
+            vcpus,
+            memory_mib,
+            force,
+        } => create(g, vcpus, memory_mib, force),
+        TemplateCommand::List { format } => list(g, &format),
+        TemplateCommand::Rm { all, keys } => rm(g, all, &keys),
+    }
+}
+
+/// The resolved CPU template of this host under `config`.
+fn cpu_template(config: &Config) -> Result<husk_vmm::cpu_template::CpuTemplate> {
+    Ok(config
+        .cpu_template
+        .parse::<husk_vmm::cpu_template::TemplateChoice>()
+        .map_err(|e| anyhow!("cpu_template in {}: {e}", config.source))?
+        .resolve(husk_vmm::host::probe()))
+}
+
+fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: bool) -> Result<i32> {
+    let config = Config::load()?;
+    let cpu = cpu_template(&config)?;
+    let vcpus = vcpus.unwrap_or(config.vcpus);
+    if vcpus == 0 || vcpus > config.max_vcpus {
+        bail!(
+            "--vcpus {vcpus}: must be between 1 and max_vcpus = {} ({})",
+            config.max_vcpus,
+            config.source
+        );
+    }
+    let asked = memory_mib.unwrap_or(config.memory_mib);
+    let memory_mib = cpu.memory_mib(asked);
+    if asked < husk_vmm::config::MIN_MEMORY_MIB || memory_mib > config.max_memory_mib {
+        bail!(
+            "--memory-mib {asked} ({memory_mib} MiB after the {} CPU template's rounding): must be between {} and max_memory_mib = {} ({})",
+            cpu.name(),
+            husk_vmm::config::MIN_MEMORY_MIB,
+            config.max_memory_mib,
+            config.source
+        );
+    }
+    let size = VmSize { vcpus, memory_mib };
+    let slots = slots_for(RootfsMode::Virtiofs, false, SHARE_TAG).map_err(|e| anyhow!(e))?;
+    let inputs = TemplateInputs::new(&config, size, cpu.name(), slots)?;
+    let key = inputs.key();
+    let store = TemplateStore::new(&g.root);
+    let lock = store.lock()?;
+    store.remove_stale_builds(&lock);
+    if let Lookup::Found(t) = store.find(&inputs)?
+        && !force
+    {
+        eprintln!(
+            "husk: template {key} ({}) already exists in {}",
+            inputs.summary(),
+            t.dir.display()
+        );
+        println!("{key}");
+        return Ok(0);
+    }
+    let build = store.begin(&lock, &key)?;
+    let result = boot_and_snapshot(&config, size, &build);
+    let (boot, figures) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = std::fs::remove_dir_all(&build);
+            return Err(e.context(format!("building template {key} ({})", inputs.summary())));
+        }
+    };
+    let manifest = Manifest {
+        key: key.clone(),
+        inputs,
+        created: husk_runtime::time::rfc3339(SystemTime::now()),
+        boot_ms: boot.as_millis() as u64,
+        snapshot: figures,
+    };
+    let t = store.commit(&lock, &build, &build.join("snapshot"), &manifest)?;
+    tracing::info!(key, dir = %t.dir.display(), boot_ms = manifest.boot_ms, "template created");
+    eprintln!(
+        "husk: template {key} ({}): booted in {:.1} s, {} MiB on disk",
+        manifest.inputs.summary(),
+        boot.as_secs_f64(),
+        disk_usage(&t.dir) >> 20
+    );
+    println!("{key}");
+    Ok(0)
+}
+
+/// Boots the template VM in `build`, waits for its agent and snapshots it into
+/// `build/snapshot`; returns the boot time and the VMM's snapshot figures.
+fn boot_and_snapshot(
+    config: &Config,
+    size: VmSize,
+    build: &Path,
+) -> Result<(Duration, serde_json::Value)> {
+    // The share slot: served now by a virtiofsd on an empty folder, later by each
+    // container's own. The guest probes the device at boot but never mounts it here.
+    let folder = SharedFolder::prepare(&build.join(SHARE_TAG), None, &[])?;
+    let fs_socket = build.join("fs.sock");
+    let mut virtiofsd = spawn_virtiofsd(config, &folder, &fs_socket)?;
+    let vm_socket = build.join("vm.sock");
+    let api_socket = build.join("api.sock");
+    let devices = vec![
+        "--fs".into(),
+        format!("socket={},tag={SHARE_TAG}", path_arg(&fs_socket)?),
+        "--api-socket".into(),
+        path_arg(&api_socket)?,
+    ];
+    let vm_config = vm_config(config, size, &vm_socket, devices)?;
+    let started = Instant::now();
+    let outcome = (|| {
+        let mut vmm_done = spawn_vmm(vm_config, started)?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let target = Target::hybrid_vsock(&vm_socket);
+        let deadline = Instant::now() + Duration::from_secs(config.boot_timeout_secs);
+        rt.block_on(async {
+            let client = tokio::select! {
+                c = connect_with_retry(&target, deadline) => c.context("waiting for the template VM's agent")?,
+                r = &mut vmm_done => bail!("the template VM stopped before its agent answered: {}", describe_stop(r)),
+            };
+            client
+                .check()
+                .await
+                .context("health check of the template VM's agent")?;
+            anyhow::Ok(())
+        })?;
+        let boot = started.elapsed();
+        let figures = request_snapshot(&api_socket, &build.join("snapshot"))?;
+        let stopped = rt
+            .block_on(async { tokio::time::timeout(Duration::from_secs(30), &mut vmm_done).await });
+        match stopped {
+            Ok(Ok(Ok(StopReason::Snapshotted(_)))) => {}
+            Ok(r) => bail!(
+                "the template VM did not end with its snapshot: {}",
+                describe_stop(r)
+            ),
+            Err(_) => bail!("the template VM did not end within 30 s of its snapshot"),
+        }
+        Ok((boot, figures))
+    })();
+    let _ = virtiofsd.kill();
+    let _ = virtiofsd.wait();
+    outcome
+}
+
+/// Asks the VMM's API socket for a snapshot into `dir`.
+fn request_snapshot(api_socket: &Path, dir: &Path) -> Result<serde_json::Value> {
+    let mut conn = UnixStream::connect(api_socket).with_context(|| {
+        format!(
+            "connecting to the VMM's API socket {}",
+            api_socket.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .context("API socket timeout")?;
+    let request = serde_json::json!({ "action": "snapshot", "dir": dir });
+    writeln!(conn, "{request}").context("sending the snapshot request")?;
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .context("reading the snapshot reply")?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&line).with_context(|| format!("snapshot reply {line:?}"))?;
+    if reply["ok"] != true {
+        bail!(
+            "the VMM refused the snapshot: {}",
+            reply["error"].as_str().unwrap_or(line.trim())
+        );
+    }
+    Ok(reply)
+}
+
+/// Whether `t` is what a container VM of its size would restore under `config` now.
+fn usable(config: &Config, t: &Template) -> bool {
+    let Ok(cpu) = cpu_template(config) else {
+        return false;
+    };
+    let size = VmSize {
+        vcpus: t.manifest.inputs.vcpus,
+        memory_mib: t.manifest.inputs.memory_mib,
+    };
+    TemplateInputs::new(config, size, cpu.name(), t.manifest.inputs.slots.clone())
+        .is_ok_and(|now| now == t.manifest.inputs)
+}
+
+fn list(g: &GlobalOpts, format: &str) -> Result<i32> {
+    let config = Config::load()?;
+    let store = TemplateStore::new(&g.root);
+    let templates = store.list()?;
+    match format {
+        "json" => {
+            let docs: Vec<serde_json::Value> = templates
+                .iter()
+                .filter_map(|t| t.as_ref().ok())
+                .map(|t| {
+                    serde_json::json!({
+                        "key": t.manifest.key,
+                        "dir": t.dir,
+                        "vcpus": t.manifest.inputs.vcpus,
+                        "memory_mib": t.manifest.inputs.memory_mib,
+                        "cpu_template": t.manifest.inputs.cpu_template,
+                        "slots": t.manifest.inputs.slots,
+                        "created": t.manifest.created,
+                        "boot_ms": t.manifest.boot_ms,
+                        "disk_bytes": disk_usage(&t.dir),
+                        "usable": usable(&config, t),
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(docs));
+        }
+        "table" => {
+            println!(
+                "{:<16}  {:>5}  {:>7}  {:<5}  {:<12}  {:>7}  {:<6}  CREATED",
+                "KEY", "VCPUS", "MEMORY", "CPU", "SLOTS", "DISK", "USABLE"
+            );
+            for t in &templates {
+                match t {
+                    Ok(t) => println!(
+                        "{:<16}  {:>5}  {:>4}MiB  {:<5}  {:<12}  {:>4}MiB  {:<6}  {}",
+                        t.manifest.key,
+                        t.manifest.inputs.vcpus,
+                        t.manifest.inputs.memory_mib,
+                        t.manifest.inputs.cpu_template,
+                        t.manifest.inputs.slots.join(","),
+                        disk_usage(&t.dir) >> 20,
+                        if usable(&config, t) { "yes" } else { "stale" },
+                        t.manifest.created
+                    ),
+                    Err(e) => eprintln!("husk: unreadable template: {e}"),
+                }
+            }
+        }
+        other => bail!("--format {other}: expected table or json"),
+    }
+    Ok(0)
+}
+
+fn rm(g: &GlobalOpts, all: bool, keys: &[String]) -> Result<i32> {
+    if all != keys.is_empty() {
+        bail!("name the templates to remove, or give --all (not both)");
+    }
+    let store = TemplateStore::new(&g.root);
+    let lock = store.lock()?;
+    let keys: Vec<String> = if all { store.keys()? } else { keys.to_vec() };
+    let mut failed = false;
+    for key in keys {
+        if let Err(e) = store.remove(&lock, &key) {
+            eprintln!("husk: {e}");
+            failed = true;
+        }
+    }
+    if all {
+        store.remove_stale_builds(&lock);
+    }
+    Ok(if failed { super::FAILURE } else { 0 })
+}
