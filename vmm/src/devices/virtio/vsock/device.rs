@@ -3,6 +3,7 @@
 use std::io;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
@@ -24,6 +25,8 @@ const QUEUE_SIZE: u16 = 256;
 const RXQ: usize = 0;
 const TXQ: usize = 1;
 const EVQ: usize = 2;
+/// How often a restored device looks for the driver's event-queue refill.
+const RESET_POLL: Duration = Duration::from_millis(2);
 /// virtio_vsock_event.id of a transport reset.
 const VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: u32 = 0;
 
@@ -80,6 +83,7 @@ impl Vsock {
                 interrupt,
                 transport_reset,
                 reset_sent: false,
+                evq_avail_at_reset: None,
             }
             .run([rx.notify, tx.notify, ev.notify], kill)
         })
@@ -163,6 +167,8 @@ struct VsockWorker {
     transport_reset: bool,
     /// The reset went out and the driver has not refilled the event queue yet.
     reset_sent: bool,
+    /// The event queue's available index when the reset went out.
+    evq_avail_at_reset: Option<u16>,
 }
 
 impl VsockWorker {
@@ -209,8 +215,12 @@ impl VsockWorker {
                 }
             }
             let timeout = if muxer_waits {
+                // The refill is seen by polling the event queue's available index: with
+                // EVENT_IDX the driver does not kick for it (its other event buffers are
+                // still posted, so it is past the index we asked to hear about).
                 reset_deadline
                     .saturating_duration_since(Instant::now())
+                    .min(RESET_POLL)
                     .as_millis() as i32
             } else if self.muxer.has_pending_connects() {
                 Duration::from_millis(250).as_millis() as i32
@@ -248,9 +258,24 @@ impl VsockWorker {
                     _ => {}
                 }
             }
+            if self.reset_sent && self.event_queue_refilled() {
+                self.reset_sent = false;
+                debug!("vsock: the driver took the transport reset");
+            }
             self.muxer.expire_connects(Instant::now());
             self.process_rx();
         }
+    }
+
+    /// Whether the driver posted event buffers since the transport reset went out: it
+    /// refills only after handling the reset.
+    fn event_queue_refilled(&self) -> bool {
+        let Some(at_reset) = self.evq_avail_at_reset else {
+            return false;
+        };
+        self.queues[EVQ]
+            .avail_idx(&self.mem, Ordering::Acquire)
+            .is_ok_and(|idx| idx.0 != at_reset)
     }
 
     /// Tells the driver every connection was reset (virtio 1.2, 5.10.6.5); waits for an
@@ -280,6 +305,10 @@ impl VsockWorker {
         if len > 0 {
             self.transport_reset = false;
             self.reset_sent = true;
+            self.evq_avail_at_reset = evq
+                .avail_idx(&self.mem, Ordering::Acquire)
+                .ok()
+                .map(|w| w.0);
             // So that the driver's refill of the event queue kicks us.
             if let Err(e) = evq.enable_notification(&self.mem) {
                 debug!("vsock: event queue notifications: {e}");

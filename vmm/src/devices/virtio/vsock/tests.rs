@@ -827,3 +827,82 @@ impl Guest {
         }
     }
 }
+
+/// After a restore: the transport reset goes out in the first event buffer, and a host
+/// connection is held until the driver has refilled the event queue (which it does only
+/// after handling the reset, and without a kick under EVENT_IDX), not until the deadline.
+#[test]
+fn a_restored_worker_resets_the_transport_and_holds_host_connections_until_the_refill() {
+    use std::time::{Duration, Instant};
+
+    use crate::devices::virtio::{ActiveQueue, Interrupt};
+    use vmm_sys_util::eventfd::{EFD_NONBLOCK, EventFd};
+
+    const EV_BUFS: u64 = 0x30_0000;
+    let dir = TempDir::new_with_prefix("/tmp/husk-vsock").unwrap();
+    let path = dir.as_path().join("r.sock");
+    let mut dev = Vsock::new(GUEST_CID, &path).unwrap();
+    let mut g = Guest::new();
+    g.post_rx(8);
+    // The driver keeps several event buffers posted, as Linux does.
+    let (mut ev, evq) = DriverQueue::new(0x3_0000);
+    for i in 0..4u64 {
+        ev.push(&g.mem, &[(EV_BUFS + i * 0x100, 4, true)]);
+        g.mem
+            .write_obj(0xffff_ffff_u32, GuestAddress(EV_BUFS + i * 0x100))
+            .unwrap();
+    }
+    let notify: Vec<EventFd> = (0..3)
+        .map(|_| EventFd::new(EFD_NONBLOCK).unwrap())
+        .collect();
+    let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
+    let rxq = std::mem::replace(&mut g.rxq, Queue::new(QSIZE).unwrap());
+    let txq = std::mem::replace(&mut g.txq, Queue::new(QSIZE).unwrap());
+    let queues = [rxq, txq, evq]
+        .into_iter()
+        .zip(notify)
+        .map(|(queue, notify)| ActiveQueue { queue, notify })
+        .collect();
+    let started = Instant::now();
+    dev.activate_restored(g.mem.clone(), queues, interrupt.clone())
+        .unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let (head, len) = loop {
+        if let Some(u) = ev.pop_used(&g.mem) {
+            break u;
+        }
+        assert!(Instant::now() < deadline, "no transport reset event");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!((head, len), (0, 4));
+    let id: u32 = g.mem.read_obj(GuestAddress(EV_BUFS)).unwrap();
+    assert_eq!(id, 0, "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET");
+
+    let mut s = UnixStream::connect(&path).unwrap();
+    s.write_all(b"CONNECT 1024\n").unwrap();
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(
+        g.recv().is_empty(),
+        "the host connection waits while the driver has not taken the reset"
+    );
+    // The driver handles the reset and reposts the buffer: no kick.
+    ev.push(&g.mem, &[(EV_BUFS, 4, true)]);
+    let request = loop {
+        if let Some(p) = g.recv().into_iter().find(|p| p.0.op == OP_REQUEST) {
+            break p;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the held connection never reached the guest"
+        );
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    assert_eq!(request.0.dst_port, 1024);
+    assert!(
+        started.elapsed() < Duration::from_millis(900),
+        "released by the refill, not by the 1 s deadline: {:?}",
+        started.elapsed()
+    );
+    assert!(dev.reset());
+}
