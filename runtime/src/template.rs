@@ -8,9 +8,9 @@
 //! themselves and a lookup compares them whole, so a template whose inputs changed is never
 //! used, whatever its key.
 //!
-//! Layout under the state root: `templates/<key>/{manifest.json,state,memory}`. A template
-//! is built in `templates/.building-<key>-<pid>/` and renamed into place once complete, so a
-//! reader never sees half of one; `templates/.lock` serialises builds and removals.
+//! Layout under the state root: `@templates/<key>/{manifest.json,state,memory}`. A template
+//! is built in `@templates/.building-<key>-<pid>/` and renamed into place once complete, so
+//! a reader never sees half of one; `@templates/.lock` serialises builds and removals.
 
 use std::fs::{DirBuilder, File};
 use std::os::unix::fs::{DirBuilderExt, MetadataExt};
@@ -22,8 +22,9 @@ use crate::config::{Config, ConfigError};
 use crate::sizing::VmSize;
 use crate::state::RootfsMode;
 
-/// Folder of the templates under the state root.
-pub const TEMPLATES_DIR: &str = "templates";
+/// Folder of the templates under the state root: not a valid container id, so no
+/// container's state folder can take its name.
+pub const TEMPLATES_DIR: &str = "@templates";
 pub const MANIFEST_FILE: &str = "manifest.json";
 /// The snapshot files inside a template folder (written by husk-vmm).
 pub const SNAPSHOT_FILES: [&str; 2] = ["state", "memory"];
@@ -572,6 +573,11 @@ mod tests {
         );
         let why = slots_for(RootfsMode::Block, false, "shared").unwrap_err();
         assert!(why.contains("block"), "{why}");
+    }
+
+    #[test]
+    fn the_templates_folder_cannot_be_a_container_id() {
+        assert!(crate::id::validate(TEMPLATES_DIR).is_err());
     }
 
     #[test]

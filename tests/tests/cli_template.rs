@@ -1,0 +1,178 @@
+//! VM templates through the CLI: `husk template create` boots one VM and snapshots it;
+//! `husk run` (virtio-fs rootfs, `template = "auto"`) then restores it instead of booting,
+//! binds the share to the container's own virtiofsd and makes each clone unique. One VM
+//! boot and two restores; skips without KVM, the guest image or virtiofsd.
+
+use std::process::Stdio;
+
+use husk_tests::GuestImage;
+use husk_tests::host::skip_without_kvm;
+use husk_tests::husk_cli::{Bundle, Husk, spec};
+use serde_json::Value;
+
+fn virtiofsd() -> Option<std::path::PathBuf> {
+    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        dirs.push(std::path::Path::new(&home).join(".cargo/bin"));
+    }
+    dirs.into_iter()
+        .map(|d| d.join("virtiofsd"))
+        .find(|p| p.is_file())
+}
+
+fn templates(husk: &Husk) -> Vec<Value> {
+    let o = husk
+        .output(&["template", "list", "--format", "json"])
+        .expect("husk template list");
+    assert!(
+        o.status.success(),
+        "template list: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice::<Value>(&o.stdout)
+        .expect("template list prints JSON")
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+#[test]
+fn run_restores_a_template_into_unique_containers_on_their_own_share() {
+    let test = "run_restores_a_template_into_unique_containers_on_their_own_share";
+    if skip_without_kvm(test) {
+        return;
+    }
+    let Some(virtiofsd) = virtiofsd() else {
+        eprintln!("SKIPPED {test}: virtiofsd not installed (scripts/install-deps.sh)");
+        return;
+    };
+    let image = match GuestImage::locate_or_build() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no guest image: {e:#}");
+            return;
+        }
+    };
+    let extra = format!(
+        "rootfs_mode = \"virtiofs\"\nvirtiofsd = {:?}\nlog_level = \"info\"\n",
+        virtiofsd.display().to_string()
+    );
+    let config = Husk::guest_config(&image, &extra);
+    let husk = Husk::new(&config).expect("husk setup");
+
+    // Nothing to restore yet, and a bad removal names what is missing.
+    assert!(templates(&husk).is_empty());
+    let o = husk.output(&["template", "rm", "nope"]).unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("no template nope"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let o = husk.output(&["template", "create"]).unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "template create: {stderr}");
+    let key = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    eprintln!("template create: {}", stderr.lines().last().unwrap_or(""));
+    let listed = templates(&husk);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["key"], key.as_str());
+    assert_eq!(listed[0]["usable"], true, "{listed:?}");
+    assert_eq!(listed[0]["slots"][0], "fs:shared");
+    // A second create finds it.
+    let o = husk.output(&["template", "create"]).unwrap();
+    assert!(o.status.success());
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), key);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("already exists"));
+
+    // Each container's own rootfs (a file only it has) through its own virtiofsd, and a
+    // random UUID drawn after the restore.
+    let mut uuids = Vec::new();
+    for n in 0..2 {
+        let name = format!("b{n}");
+        let b = Bundle::busybox(
+            husk.dir(),
+            &name,
+            &spec(
+                &[
+                    "sh",
+                    "-c",
+                    "cat /whoami; cat /proc/sys/kernel/random/uuid; echo written > /from-guest",
+                ],
+                true,
+            ),
+        )
+        .unwrap();
+        std::fs::write(b.dir.join("rootfs/whoami"), format!("bundle {name}\n")).unwrap();
+        let log = husk.dir().join(format!("run{n}.log"));
+        let id = format!("t{n}");
+        let o = husk
+            .command(&[
+                "--log",
+                log.to_str().unwrap(),
+                "run",
+                "--bundle",
+                b.path(),
+                &id,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert!(
+            o.status.success(),
+            "husk run {id}: {}\n{log_text}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let mut lines = out.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("bundle {name}").as_str()),
+            "{out}"
+        );
+        uuids.push(lines.next().unwrap_or_default().to_owned());
+        assert!(
+            log_text.contains("VM restored from its template") && log_text.contains(&key),
+            "the VM was restored, not booted: {log_text}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(b.dir.join("rootfs/from-guest")).unwrap_or_default(),
+            "written\n",
+            "the restored guest writes through this container's share"
+        );
+    }
+    assert_ne!(uuids[0], uuids[1], "clones draw different random numbers");
+    assert!(uuids.iter().all(|u| u.len() == 36), "{uuids:?}");
+
+    // Another size is another template: the configuration's default no longer matches.
+    let bigger = Husk::guest_config(&image, &format!("{extra}memory_mib = 256\n"));
+    std::fs::write(husk.dir().join("config.toml"), bigger).unwrap();
+    let listed = templates(&husk);
+    assert_eq!(listed[0]["usable"], true, "its own size still matches");
+    let cmdline = Husk::guest_config(&image, &format!("{extra}kernel_cmdline = \"quiet\"\n"));
+    std::fs::write(husk.dir().join("config.toml"), cmdline).unwrap();
+    assert_eq!(
+        templates(&husk)[0]["usable"],
+        false,
+        "a template whose inputs changed is never used"
+    );
+    std::fs::write(husk.dir().join("config.toml"), &config).unwrap();
+
+    let o = husk.output(&["template", "rm", "--all"]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert!(templates(&husk).is_empty());
+    let left: Vec<_> = std::fs::read_dir(husk.root().join("@templates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .filter(|n| n != ".lock")
+        .collect();
+    assert!(
+        left.is_empty(),
+        "nothing of the templates is left: {left:?}"
+    );
+}
