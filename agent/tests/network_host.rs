@@ -364,3 +364,51 @@ async fn refused_in_the_hosts_network_namespace() {
         &["host test mode", "network namespace"],
     );
 }
+
+/// A VM restored from a template still has the template's NIC address: the request names
+/// it as `current_mac`, and the interface gets the pod's.
+#[tokio::test]
+async fn a_template_nic_is_found_by_its_current_mac_and_given_the_pods() {
+    const TEMPLATE_MAC: &str = "02:48:55:53:4b:77";
+    let Some(ns) = Netns::create() else { return };
+    ns.ip(&[
+        "link",
+        "add",
+        "husk-t0",
+        "address",
+        TEMPLATE_MAC,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "husk-t1",
+    ]);
+    ns.ip(&["link", "set", "husk-t0", "up"]);
+    let agent = NetnsAgent::spawn(&ns);
+    let client = agent.connect().await;
+    let mut iface = interface(MAC, "eth0", &["10.231.9.2/24"], 0);
+    iface.current_mac = TEMPLATE_MAC.into();
+    client
+        .configure_network(&request(vec![iface], vec![]))
+        .await
+        .expect("ConfigureNetwork with current_mac");
+    let eth0 = &ns.ip_json(&["addr", "show", "eth0"])[0];
+    assert_eq!(
+        eth0["address"], MAC,
+        "the pod's MAC replaced the template's"
+    );
+    assert!(
+        eth0["flags"].as_array().unwrap().contains(&"UP".into()),
+        "{eth0}"
+    );
+    let bad = {
+        let mut i = interface(MAC, "eth1", &[], 0);
+        i.current_mac = "nope".into();
+        i
+    };
+    expect_failure(
+        client.configure_network(&request(vec![bad], vec![])).await,
+        Code::INVALID_ARGUMENT,
+        &["current MAC"],
+    );
+}

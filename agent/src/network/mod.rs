@@ -29,9 +29,10 @@ pub fn configure(req: &ConfigureNetworkRequest) -> Result<(), Failure> {
     // Every interface is found before anything changes.
     let mut targets = Vec::with_capacity(plan.interfaces.len());
     for iface in &plan.interfaces {
+        let find_by = iface.current_mac.unwrap_or(iface.mac);
         let link = links
             .iter()
-            .find(|l| l.mac == Some(iface.mac))
+            .find(|l| l.mac == Some(find_by))
             .ok_or_else(|| {
                 Failure::new(
                     Code::NOT_FOUND,
@@ -77,6 +78,15 @@ fn configure_interface(
         let doing = doing.to_owned();
         move |e: Errno| errno_failure(&format!("{what}: {doing}"), e)
     };
+    if link.mac != Some(iface.mac) {
+        // A template's NIC: the pod's address replaces the one the guest saw at boot.
+        if link.flags & libc::IFF_UP as u32 != 0 {
+            nl.set_up(link.index, false)
+                .map_err(step("bringing it down to change its MAC"))?;
+        }
+        nl.set_mac(link.index, &iface.mac)
+            .map_err(step(&format!("setting MAC {}", format_mac(&iface.mac))))?;
+    }
     if let Some(name) = &iface.name
         && *name != link.name
     {

@@ -143,6 +143,12 @@ impl Netlink {
         self.request(RTM_NEWLINK, 0, &body)
     }
 
+    pub fn set_mac(&mut self, index: u32, mac: &[u8; 6]) -> Result<(), Errno> {
+        let mut body = ifinfomsg(index);
+        attr(&mut body, IFLA_ADDRESS, mac);
+        self.request(RTM_NEWLINK, 0, &body)
+    }
+
     pub fn set_mtu(&mut self, index: u32, mtu: u32) -> Result<(), Errno> {
         let mut body = ifinfomsg(index);
         attr(&mut body, IFLA_MTU, &mtu.to_ne_bytes());

@@ -82,6 +82,8 @@ impl fmt::Display for Cidr {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InterfacePlan {
     pub mac: [u8; 6],
+    /// The address to find it by, when it is not `mac` yet (restored from a template).
+    pub current_mac: Option<[u8; 6]>,
     pub name: Option<String>,
     pub addresses: Vec<Cidr>,
     pub mtu: Option<u32>,
@@ -205,6 +207,16 @@ fn interface(index: usize, iface: &Interface) -> Result<InterfacePlan, Failure> 
     let what = format!("interface {} ({:?})", index, iface.mac);
     let mac = parse_mac(&iface.mac)
         .ok_or_else(|| Failure::invalid(&what, "MAC must be six hex octets, aa:bb:cc:dd:ee:ff"))?;
+    let current_mac = if iface.current_mac.is_empty() {
+        None
+    } else {
+        Some(parse_mac(&iface.current_mac).ok_or_else(|| {
+            Failure::invalid(
+                &what,
+                "current MAC must be six hex octets, aa:bb:cc:dd:ee:ff",
+            )
+        })?)
+    };
     let name = if iface.name.is_empty() {
         None
     } else {
@@ -232,6 +244,7 @@ fn interface(index: usize, iface: &Interface) -> Result<InterfacePlan, Failure> 
         .collect::<Result<Vec<_>, _>>()?;
     Ok(InterfacePlan {
         mac,
+        current_mac,
         name,
         addresses,
         mtu,
