@@ -150,6 +150,9 @@ impl BlockBackend {
                     }
                 }
             }
+            // Nothing was written to a read-only image: a guest's flush must not make the
+            // host fsync a file shared by other VMs.
+            VIRTIO_BLK_T_FLUSH if self.read_only => (VIRTIO_BLK_S_OK, 0),
             VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
@@ -263,12 +266,12 @@ impl Block {
             let n = b.len().min(ID_LEN);
             id[..n].copy_from_slice(&b[..n]);
         }
-        let mut avail_features = VIRTIO_F_VERSION_1
-            | VIRTIO_RING_F_EVENT_IDX
-            | VIRTIO_BLK_F_FLUSH
-            | VIRTIO_BLK_F_SEG_MAX;
+        let mut avail_features =
+            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX | VIRTIO_BLK_F_SEG_MAX;
         if config.read_only {
             avail_features |= VIRTIO_BLK_F_RO;
+        } else {
+            avail_features |= VIRTIO_BLK_F_FLUSH;
         }
         let mut cfg = [0u8; 16];
         cfg[0..8].copy_from_slice(&sectors.to_le_bytes());
@@ -532,6 +535,11 @@ mod tests {
         })
         .unwrap();
         assert_ne!(blk.avail_features() & VIRTIO_BLK_F_RO, 0);
+        assert_eq!(
+            blk.avail_features() & VIRTIO_BLK_F_FLUSH,
+            0,
+            "no flush offered for an image that cannot be written"
+        );
         assert_eq!(blk.sectors(), 2);
         let mut b = blk.backend.unwrap();
         fx.mem
@@ -542,6 +550,10 @@ mod tests {
         assert_eq!((len, status), (1, VIRTIO_BLK_S_IOERR));
         // The file itself was opened without write access.
         assert!((&b.file).write_all(b"x").is_err());
+        // A flush sent anyway succeeds without touching the host file.
+        header(&fx.mem, VIRTIO_BLK_T_FLUSH, 0);
+        let (_, status) = run(&mut b, &fx.mem, &std_chain(0, 512));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
         let mut first = [0u8; 4];
         File::open(&fx.path)
             .unwrap()
