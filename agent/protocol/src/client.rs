@@ -141,7 +141,13 @@ pub enum HandshakeError {
     Unexpected { received: String },
     #[error("reply longer than {max} bytes without a newline (received {received:?})")]
     TooLong { received: String, max: usize },
+    #[error("no reply within {0:?}")]
+    Timeout(std::time::Duration),
 }
+
+/// How long the VMM may take to answer a `CONNECT` (it answers once the guest accepted or
+/// refused, and expires connects the guest leaves pending; this bounds a VMM that does not).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Errors of the agent client.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +229,21 @@ pub async fn hybrid_vsock_handshake(
     stream: &mut UnixStream,
     port: u32,
 ) -> Result<u32, HandshakeError> {
+    hybrid_vsock_handshake_within(stream, port, HANDSHAKE_TIMEOUT).await
+}
+
+/// [`hybrid_vsock_handshake`], failing with [`HandshakeError::Timeout`] after `timeout`.
+pub async fn hybrid_vsock_handshake_within(
+    stream: &mut UnixStream,
+    port: u32,
+    timeout: Duration,
+) -> Result<u32, HandshakeError> {
+    tokio::time::timeout(timeout, handshake_unbounded(stream, port))
+        .await
+        .unwrap_or(Err(HandshakeError::Timeout(timeout)))
+}
+
+async fn handshake_unbounded(stream: &mut UnixStream, port: u32) -> Result<u32, HandshakeError> {
     let request = format!("CONNECT {port}\n");
     match stream.write_all(request.as_bytes()).await {
         Ok(()) => {}
@@ -727,6 +748,25 @@ mod tests {
         let (result, requests) = handshake_with(b"OK 1073741824\n").await;
         assert_eq!(requests, vec!["CONNECT 1024\n".to_owned()]);
         assert_eq!(result.expect("OK accepted"), 1_073_741_824);
+    }
+
+    /// A VMM that takes the CONNECT and never answers cannot hold the host.
+    #[tokio::test]
+    async fn handshake_gives_up_on_a_silent_vmm() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vmm.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let silent = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            std::thread::sleep(Duration::from_secs(2));
+            drop(stream);
+        });
+        let mut stream = UnixStream::connect(&path).await.expect("connect");
+        let err = hybrid_vsock_handshake_within(&mut stream, 1024, Duration::from_millis(300))
+            .await
+            .expect_err("silence is a timeout");
+        assert!(matches!(err, HandshakeError::Timeout(_)), "{err:?}");
+        silent.join().expect("silent VMM");
     }
 
     #[tokio::test]

@@ -136,6 +136,14 @@ pub enum StdioAttachError {
         target: String,
         reason: String,
     },
+    #[error(
+        "attaching stream {id:?} at {target}: no answer within {waited:?} (the VM's agent accepted the connection but never replied)"
+    )]
+    Timeout {
+        id: String,
+        target: String,
+        waited: std::time::Duration,
+    },
     #[error("attaching stream {id:?} at {target}: unexpected reply {received:?}")]
     BadReply {
         id: String,
@@ -151,9 +159,38 @@ pub async fn attach(target: &Target, stream_id: &str) -> Result<UnixStream, Stdi
     attach_to(&StdioTarget::for_agent(target), stream_id).await
 }
 
+/// How long the handshake and the agent's answer to `ATTACH` may take: the guest is
+/// hostile and a host task must not wait on it forever (a slow nested guest answers in
+/// well under a second).
+pub const ATTACH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// [`attach`] with an explicit stdio listener (e.g. an agent started with
 /// `--stdio-listen`).
 pub async fn attach_to(
+    target: &StdioTarget,
+    stream_id: &str,
+) -> Result<UnixStream, StdioAttachError> {
+    attach_within(target, stream_id, ATTACH_TIMEOUT).await
+}
+
+/// [`attach_to`], failing with [`StdioAttachError::Timeout`] when the VMM's handshake and
+/// the agent's reply take longer than `timeout`.
+pub async fn attach_within(
+    target: &StdioTarget,
+    stream_id: &str,
+    timeout: std::time::Duration,
+) -> Result<UnixStream, StdioAttachError> {
+    match tokio::time::timeout(timeout, attach_unbounded(target, stream_id)).await {
+        Ok(r) => r,
+        Err(_) => Err(StdioAttachError::Timeout {
+            id: stream_id.to_owned(),
+            target: target.to_string(),
+            waited: timeout,
+        }),
+    }
+}
+
+async fn attach_unbounded(
     target: &StdioTarget,
     stream_id: &str,
 ) -> Result<UnixStream, StdioAttachError> {
@@ -324,6 +361,32 @@ mod tests {
         assert_eq!(rest, "stream-bytes");
         let lines = agent.join().expect("fake agent");
         assert_eq!(lines, ["CONNECT 1025\n", "ATTACH c1:stdout\n"]);
+    }
+
+    /// A guest that accepts the stream but never answers ATTACH cannot hold the host.
+    #[tokio::test]
+    async fn attach_gives_up_on_an_agent_that_never_replies() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("vm.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let silent = std::thread::spawn(move || {
+            let (stream, _) = listener.accept().expect("accept");
+            let mut reader = BufReader::new(stream);
+            let mut line = String::new();
+            reader.read_line(&mut line).expect("CONNECT line");
+            reader.get_mut().write_all(b"OK 99\n").expect("OK 99");
+            line.clear();
+            reader.read_line(&mut line).expect("ATTACH line");
+            // Holds the connection open without a reply.
+            std::thread::sleep(std::time::Duration::from_secs(2));
+        });
+        let target = StdioTarget::for_agent(&Target::hybrid_vsock(&path));
+        let err = attach_within(&target, "c1:stdout", std::time::Duration::from_millis(300))
+            .await
+            .expect_err("no reply is a timeout");
+        assert!(matches!(err, StdioAttachError::Timeout { .. }), "{err}");
+        assert!(err.to_string().contains("never replied"), "{err}");
+        silent.join().expect("silent agent");
     }
 
     #[tokio::test]
