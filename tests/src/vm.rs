@@ -1,5 +1,6 @@
 //! A `husk-vmm` process booting a guest image, as the integration tests and benchmarks use it.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -116,16 +117,26 @@ impl VmProcess {
     /// (A separate call rather than a `VmOptions` field, so that struct literals of
     /// `VmOptions` elsewhere keep compiling.)
     pub fn boot_with_fs(image: &GuestImage, opts: &VmOptions, fs: &[FsShare]) -> Result<Self> {
-        Self::spawn(Launch::Boot(image), opts, fs)
+        Self::spawn(Launch::Boot(image), opts, fs, &[])
+    }
+
+    /// [`boot`](Self::boot) with extra `husk-vmm` arguments (e.g. `--profile FILE`).
+    pub fn boot_with_args(image: &GuestImage, opts: &VmOptions, args: &[OsString]) -> Result<Self> {
+        Self::spawn(Launch::Boot(image), opts, &[], args)
     }
 
     /// Starts `husk-vmm --restore` from a snapshot folder, with the devices of `opts` (which
     /// must be those the snapshot was taken with).
     pub fn restore(snapshot: &Path, opts: &VmOptions) -> Result<Self> {
-        Self::spawn(Launch::Restore(snapshot), opts, &[])
+        Self::spawn(Launch::Restore(snapshot), opts, &[], &[])
     }
 
-    fn spawn(launch: Launch<'_>, opts: &VmOptions, fs: &[FsShare]) -> Result<Self> {
+    fn spawn(
+        launch: Launch<'_>,
+        opts: &VmOptions,
+        fs: &[FsShare],
+        extra: &[OsString],
+    ) -> Result<Self> {
         let vmm = workspace::binary("husk-vmm")?;
         let dir = tempfile::Builder::new()
             .prefix("husk-vm-")
@@ -175,6 +186,7 @@ impl VmProcess {
         for share in fs {
             cmd.arg("--fs").arg(share.arg()?);
         }
+        cmd.args(extra);
         let started = Instant::now();
         let child = cmd
             .spawn()

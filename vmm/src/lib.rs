@@ -13,6 +13,11 @@
 //! | 128+N | stopped by signal N (SIGINT 130, SIGTERM 143) |
 
 pub mod api;
+
+/// Identifies the VMM's build (its sources and locked dependencies, see build.rs):
+/// snapshots and the runtime's VM templates are only restored by the same build.
+pub const BUILD_ID: &str = env!("HUSK_VMM_BUILD_ID");
+
 pub mod arch;
 pub mod config;
 pub mod cpu_template;
@@ -24,6 +29,7 @@ pub mod loader;
 pub mod memory;
 pub mod metrics;
 pub mod persist;
+pub mod profile;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

@@ -7,6 +7,7 @@ use std::os::unix::fs::DirBuilderExt;
 use std::os::unix::thread::JoinHandleExt;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{KVM_CAP_HALT_POLL, kvm_enable_cap, kvm_userspace_memory_region};
@@ -244,7 +245,7 @@ pub fn spawn_vcpus(
     vcpus: Vec<VcpuFd>,
     mem: &GuestMemory,
     shared: &VcpuShared,
-) -> Result<Vec<libc::pthread_t>, VmError> {
+) -> Result<Vec<JoinHandle<()>>, VmError> {
     kick::install_handler().map_err(|source| VmError::Io {
         what: "installing the vCPU kick handler",
         source,
@@ -268,8 +269,9 @@ pub fn spawn_vcpus(
                 what: "spawning a vCPU thread",
                 source,
             })?;
-        // The threads are never joined: the process exits with them inside KVM_RUN.
-        threads.push(handle.as_pthread_t());
+        // Joined only after a snapshot (they are parked then); otherwise the process
+        // exits with them inside KVM_RUN.
+        threads.push(handle);
     }
     Ok(threads)
 }
@@ -554,6 +556,7 @@ impl Machine {
             persist::memory::save(&self.mem, &memory_path).map_err(|e| e.to_string())?;
         let state = MachineState {
             husk_version: env!("CARGO_PKG_VERSION").to_string(),
+            vmm_build: crate::BUILD_ID.to_string(),
             cpu_template: self.cpu_template.clone(),
             memory_mib: self.memory_mib,
             vcpus,
@@ -829,7 +832,13 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         pause: Arc::clone(&pause),
         msr_list: Arc::new(msr_list),
     };
-    let threads = spawn_vcpus(vcpus, &mem, &shared)?;
+    // --- guest profiler (vmm/src/profile): before the vCPU threads, which attach to it;
+    // it writes its files when dropped at the end of this function.
+    let _profiler = crate::profile::start(config)?;
+    // --- end guest profiler
+    let handles = spawn_vcpus(vcpus, &mem, &shared)?;
+    let threads = handles.iter().map(|h| h.as_pthread_t()).collect();
+    drop(shared);
     let machine = Machine {
         vm,
         mem,
@@ -849,8 +858,20 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     if let Some(p) = &config.api_socket {
         let _ = std::fs::remove_file(p);
     }
+    if matches!(reason, StopReason::Snapshotted(_)) {
+        // Every vCPU is parked and every device stopped: let the vCPU threads see the stop
+        // and end, then release the VM, its memory and the devices' host resources (a tap
+        // can be opened once only; a shim builds a template and then restores it).
+        machine.pause.resume();
+        for h in handles {
+            let _ = h.join();
+        }
+        drop(machine);
+        return Ok(reason);
+    }
     // The VM and its memory go away with the process; keep them alive until then.
     std::mem::forget(machine);
+    std::mem::forget(handles);
     Ok(reason)
 }
 

@@ -27,6 +27,9 @@ pub const MEMORY_FILE: &str = "memory";
 pub struct MachineState {
     /// The husk-vmm that took it: device models may change between versions.
     pub husk_version: String,
+    /// [`crate::BUILD_ID`] of the VMM that took it: a rebuilt VMM does not restore it.
+    #[serde(default)]
+    pub vmm_build: String,
     pub cpu_template: String,
     /// Guest RAM as configured (before the template's rounding), for matching the
     /// configuration of a restore.
@@ -52,6 +55,10 @@ pub enum SnapshotError {
     },
     #[error("the snapshot was taken by husk-vmm {found}; this is {ours}")]
     HuskVersion { found: String, ours: String },
+    #[error(
+        "the snapshot was taken by another build of husk-vmm (build {found}; this is {ours}): take it again"
+    )]
+    VmmBuild { found: String, ours: String },
     #[error("the snapshot does not fit the configuration: {0}")]
     Mismatch(String),
 }
@@ -84,6 +91,12 @@ impl MachineState {
             return Err(SnapshotError::HuskVersion {
                 found: me.husk_version,
                 ours: ours.to_string(),
+            });
+        }
+        if me.vmm_build != crate::BUILD_ID {
+            return Err(SnapshotError::VmmBuild {
+                found: me.vmm_build,
+                ours: crate::BUILD_ID.to_string(),
             });
         }
         Ok(me)

@@ -1,4 +1,5 @@
-//! Getting a vCPU thread out of KVM_RUN on request (to pause it for a snapshot).
+//! Getting a vCPU thread out of KVM_RUN on request (to pause it for a snapshot, or to sample
+//! it for `--profile`).
 //!
 //! The kick is a real-time signal whose handler sets `immediate_exit` in the thread's own
 //! `kvm_run`: a signal that lands just before the thread enters KVM_RUN would otherwise be
@@ -39,6 +40,9 @@ pub fn install_handler() -> std::io::Result<()> {
         unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = on_kick as *const () as usize;
+            // Restart other system calls a kick interrupts (the profiler kicks up to thousands
+            // of times a second); KVM_RUN still returns EINTR, which is never restarted.
+            sa.sa_flags = libc::SA_RESTART;
             libc::sigemptyset(&mut sa.sa_mask);
             if libc::sigaction(signal(), &sa, std::ptr::null_mut()) != 0 {
                 result = Err(std::io::Error::last_os_error());

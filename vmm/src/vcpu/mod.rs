@@ -52,17 +52,29 @@ fn valid_access(len: usize) -> bool {
 /// Runs `vcpu` until the VM stops; the reason is posted to the stop signal.
 pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     kick::register(&mut vcpu);
+    // `None` unless the VM runs with --profile; without it, profiling costs one check per exit.
+    let profile = crate::profile::attach(ctx.index, &mut vcpu);
     if ctx.index == 0 {
         ctx.metrics.vcpu_first_entry();
     }
     loop {
         if ctx.pause.requested() {
             pause_here(&mut vcpu, &ctx);
+            // Resumed because the VM ended while this vCPU was parked (a snapshot).
+            if ctx.stop.reason().is_some() {
+                kick::unregister();
+                return;
+            }
             continue;
         }
         let mut kicked = false;
         let next = match vcpu.run() {
-            Ok(exit) => handle_exit(exit, &ctx),
+            Ok(exit) => {
+                if let Some(p) = &profile {
+                    p.count_exit(&exit);
+                }
+                handle_exit(exit, &ctx)
+            }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 kicked = true;
                 Next::Continue
@@ -74,6 +86,9 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
         };
         if kicked {
             vcpu.set_kvm_immediate_exit(0);
+            if let Some(p) = &profile {
+                p.sample(&vcpu);
+            }
         }
         match next {
             Next::Continue => {}
