@@ -26,4 +26,6 @@ cargo test --workspace
 # installs cargo-fuzz). CI replays the corpus and regressions in `cargo test` above.
 if [ "${HUSK_NIGHTLY:-0}" = 1 ]; then
     scripts/fuzz.sh "${HUSK_FUZZ_SECONDS:-600}"
+    # The CRI test restores its pods from a VM template; nightly also runs it cold.
+    HUSK_CRI_TEMPLATE=off cargo test -p husk-tests --test containerd_cri
 fi

@@ -34,6 +34,7 @@ pub struct FileConfig {
     pub guest_console: Option<PathBuf>,
     pub kernel_cmdline: Option<String>,
     pub template: Option<String>,
+    pub template_dir: Option<PathBuf>,
 }
 
 /// The configuration in effect (defaults filled in, values checked).
@@ -58,6 +59,8 @@ pub struct Config {
     pub kernel_cmdline: String,
     /// Restore VMs from a matching template (`husk template create`) or always boot cold.
     pub template: crate::template::TemplateMode,
+    /// Where VM templates are kept; `None`: `<state root>/@templates`.
+    pub template_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,6 +254,7 @@ impl Config {
             guest_console: file.guest_console,
             kernel_cmdline,
             template,
+            template_dir: file.template_dir,
         })
     }
 
@@ -314,8 +318,62 @@ impl Config {
         if let Some(home) = std::env::var_os("HOME") {
             candidates.push(Path::new(&home).join(".cargo/bin/virtiofsd"));
         }
-        candidates.into_iter().find(|p| p.is_file())
+        candidates
+            .into_iter()
+            .find(|p| p.is_file() && trusted_when_root(p))
     }
+}
+
+/// Whether a file husk found by searching (not one the configuration names) is safe for a
+/// root process to run or boot: as root, the file and every folder above it must belong to
+/// root and be writable by nobody else (a sticky folder such as /tmp excepted), or another
+/// user could have put it there or swap it. A refused candidate is logged and skipped.
+pub fn trusted_when_root(path: &Path) -> bool {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return true;
+    }
+    match untrusted_reason(path) {
+        None => true,
+        Some(why) => {
+            tracing::warn!("not using {}: {why}", path.display());
+            false
+        }
+    }
+}
+
+fn untrusted_reason(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let path = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(e) => return Some(format!("cannot resolve it: {e}")),
+    };
+    let mut at = Some(path.as_path());
+    let mut first = true;
+    while let Some(p) = at {
+        let m = match std::fs::metadata(p) {
+            Ok(m) => m,
+            Err(e) => return Some(format!("{}: {e}", p.display())),
+        };
+        let sticky_dir = !first && m.mode() & libc::S_ISVTX != 0;
+        if m.uid() != 0 {
+            return Some(format!(
+                "{} belongs to uid {}, not root",
+                p.display(),
+                m.uid()
+            ));
+        }
+        if m.mode() & 0o022 != 0 && !sticky_dir {
+            return Some(format!(
+                "{} is writable by group or others (mode {:o})",
+                p.display(),
+                m.mode() & 0o7777
+            ));
+        }
+        first = false;
+        at = p.parent();
+    }
+    None
 }
 
 /// `$HUSK_CACHE_DIR/guest-image` or `~/.cache/husk/guest-image`, as guest-image/build.sh.
@@ -335,7 +393,7 @@ fn newest_in_cache(dir: &Path, file_name: &str) -> Option<PathBuf> {
         .ok()?
         .filter_map(Result::ok)
         .map(|e| e.path().join(file_name))
-        .filter(|p| p.is_file())
+        .filter(|p| p.is_file() && trusted_when_root(p))
         .filter_map(|p| Some((p.metadata().ok()?.modified().ok()?, p)))
         .max_by_key(|(t, _)| *t)
         .map(|(_, p)| p)
@@ -363,6 +421,38 @@ mod tests {
     }
 
     #[test]
+    fn found_files_that_others_could_replace_are_not_trusted_by_root() {
+        use std::os::unix::fs::PermissionsExt;
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipping: the check applies to root only");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let safe = tmp.path().join("safe");
+        std::fs::create_dir(&safe).unwrap();
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        let bin = safe.join("virtiofsd");
+        std::fs::write(&bin, b"#!/bin/sh\n").unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(
+            untrusted_reason(&bin),
+            None,
+            "root's file under /tmp (sticky) is fine"
+        );
+        std::fs::set_permissions(&safe, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let why = untrusted_reason(&bin).expect("a world-writable folder");
+        assert!(why.contains("writable by group or others"), "{why}");
+        std::fs::set_permissions(&safe, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(untrusted_reason(&bin).is_some(), "a group-writable binary");
+        std::fs::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&bin, Some(1000), None).unwrap();
+        let why = untrusted_reason(&bin).expect("another user's binary");
+        assert!(why.contains("uid 1000"), "{why}");
+    }
+
+    #[test]
     fn every_key_parses() {
         let c = parse(
             r#"
@@ -379,6 +469,7 @@ mod tests {
             guest_console = "/tmp/console.log"
             kernel_cmdline = "husk.agent_log=info"
             template = "off"
+            template_dir = "/var/lib/husk/templates"
             "#,
         )
         .unwrap();

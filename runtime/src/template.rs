@@ -1,8 +1,9 @@
 //! VM templates: a snapshot of a VM booted to its agent, restored instead of booting a guest
 //! kernel for every container (docs/snapshots.md).
 //!
-//! A template is keyed by everything that makes one VM differ from another: the husk
-//! binary, the guest kernel and initramfs (by file identity: path, size, inode, mtime and
+//! A template is keyed by everything that makes one VM differ from another: the VMM's
+//! build ([`husk_vmm::BUILD_ID`], the same in the CLI and the shim), the guest kernel and
+//! initramfs (by file identity: path, size, inode, mtime and
 //! ctime, so a rebuilt file is a new template), vCPUs, memory, CPU template, command line,
 //! console and device slots. The key names the folder; the manifest keeps the inputs
 //! themselves and a lookup compares them whole, so a template whose inputs changed is never
@@ -111,8 +112,8 @@ impl FileIdentity {
 #[serde(deny_unknown_fields)]
 pub struct TemplateInputs {
     pub husk_version: String,
-    /// The husk binary that builds and restores (its VMM writes the snapshot format).
-    pub husk: FileIdentity,
+    /// The VMM build that writes and reads the snapshot.
+    pub vmm_build: String,
     pub kernel: FileIdentity,
     pub initramfs: FileIdentity,
     pub vcpus: u8,
@@ -124,6 +125,9 @@ pub struct TemplateInputs {
     /// The virtio devices the VM has besides vsock, in slot order (`fs:<tag>`).
     pub slots: Vec<String>,
 }
+
+/// The `net` slot of a pod VM's NIC.
+pub const NET_SLOT: &str = "net";
 
 /// The device slots a container's VM needs, or why no template can serve it yet.
 pub fn slots_for(
@@ -152,10 +156,9 @@ impl TemplateInputs {
         cpu_template: &str,
         slots: Vec<String>,
     ) -> Result<Self, TemplateError> {
-        let exe = std::env::current_exe().map_err(io(Path::new("/proc/self/exe")))?;
         Ok(Self {
             husk_version: env!("CARGO_PKG_VERSION").to_owned(),
-            husk: FileIdentity::of(&exe)?,
+            vmm_build: husk_vmm::BUILD_ID.to_owned(),
             kernel: FileIdentity::of(&config.kernel_path()?)?,
             initramfs: FileIdentity::of(&config.initramfs_path()?)?,
             vcpus: size.vcpus,
@@ -201,6 +204,10 @@ pub struct Manifest {
     pub boot_ms: u64,
     /// What husk-vmm reported for the snapshot (pause, bytes written...).
     pub snapshot: serde_json::Value,
+    /// The MAC of each `net` slot's NIC as the template's guest knows it: a restored VM's
+    /// agent finds its NIC by it and gives it the pod's (ConfigureNetwork `current_mac`).
+    #[serde(default)]
+    pub nic_macs: Vec<String>,
 }
 
 /// One template found in the store.
@@ -232,6 +239,21 @@ impl TemplateStore {
     pub fn new(state_root: &Path) -> Self {
         Self {
             dir: state_root.join(TEMPLATES_DIR),
+        }
+    }
+
+    /// The store in `dir` itself.
+    pub fn at(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+        }
+    }
+
+    /// The store `config` names (`template_dir`), else the one under `state_root`.
+    pub fn for_config(config: &Config, state_root: &Path) -> Self {
+        match &config.template_dir {
+            Some(dir) => Self { dir: dir.clone() },
+            None => Self::new(state_root),
         }
     }
 
@@ -416,6 +438,59 @@ impl TemplateStore {
     }
 }
 
+/// Asks a VMM's API socket (`husk-vmm --api-socket`) for a snapshot into `dir`; returns the
+/// VMM's figures. Blocking.
+pub fn request_snapshot(api_socket: &Path, dir: &Path) -> Result<serde_json::Value, String> {
+    use std::io::{BufRead, BufReader, Write};
+    let mut conn = std::os::unix::net::UnixStream::connect(api_socket).map_err(|e| {
+        format!(
+            "connecting to the VMM's API socket {}: {e}",
+            api_socket.display()
+        )
+    })?;
+    conn.set_read_timeout(Some(std::time::Duration::from_secs(60)))
+        .map_err(|e| format!("API socket timeout: {e}"))?;
+    let request = serde_json::json!({ "action": "snapshot", "dir": dir });
+    writeln!(conn, "{request}").map_err(|e| format!("sending the snapshot request: {e}"))?;
+    let mut line = String::new();
+    BufReader::new(conn)
+        .read_line(&mut line)
+        .map_err(|e| format!("reading the snapshot reply: {e}"))?;
+    let reply: serde_json::Value =
+        serde_json::from_str(&line).map_err(|e| format!("snapshot reply {line:?}: {e}"))?;
+    if reply["ok"] != true {
+        return Err(format!(
+            "the VMM refused the snapshot: {}",
+            reply["error"].as_str().unwrap_or(line.trim())
+        ));
+    }
+    Ok(reply)
+}
+
+impl TemplateStore {
+    /// Removes the templates that nothing can restore any more: taken by another VMM build
+    /// or of a kernel or initramfs file that changed or is gone. Returns their keys.
+    pub fn remove_unrestorable(&self, lock: &StoreLock) -> Vec<String> {
+        let mut removed = Vec::new();
+        let Ok(all) = self.list() else {
+            return removed;
+        };
+        for t in all.into_iter().flatten() {
+            let i = &t.manifest.inputs;
+            let current = |f: &FileIdentity| FileIdentity::of(&f.path).is_ok_and(|now| now == *f);
+            if i.vmm_build != husk_vmm::BUILD_ID || !current(&i.kernel) || !current(&i.initramfs) {
+                let key = t.dir.file_name().map(|n| n.to_string_lossy().into_owned());
+                if let Some(key) = key
+                    && self.remove(lock, &key).is_ok()
+                {
+                    removed.push(key);
+                }
+            }
+        }
+        removed
+    }
+}
+
 fn read_manifest(dir: &Path) -> Result<Manifest, TemplateError> {
     let path = dir.join(MANIFEST_FILE);
     let text = std::fs::read(&path).map_err(io(&path))?;
@@ -479,6 +554,7 @@ mod tests {
             created: "2026-12-03T00:00:00Z".into(),
             boot_ms: 1,
             snapshot: serde_json::json!({}),
+            nic_macs: Vec::new(),
         };
         store.commit(&lock, &build, &snap, &manifest).unwrap()
     }
@@ -542,6 +618,25 @@ mod tests {
         let t = fake_build(&store, &a);
         std::fs::remove_file(t.dir.join("memory")).unwrap();
         assert!(matches!(store.find(&a).unwrap(), Lookup::Missing(_)));
+    }
+
+    #[test]
+    fn templates_of_a_changed_kernel_or_another_vmm_build_are_pruned() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = TemplateStore::new(&tmp.path().join("root"));
+        let a = inputs(tmp.path());
+        fake_build(&store, &a);
+        let mut other_build = a.clone();
+        other_build.vmm_build = "0000000000000000".into();
+        fake_build(&store, &other_build);
+        let lock = store.lock().unwrap();
+        assert_eq!(store.remove_unrestorable(&lock), vec![other_build.key()]);
+        drop(lock);
+        assert!(matches!(store.find(&a).unwrap(), Lookup::Found(_)));
+        std::fs::write(tmp.path().join("vmlinux"), b"kernel, rebuilt").unwrap();
+        let lock = store.lock().unwrap();
+        assert_eq!(store.remove_unrestorable(&lock), vec![a.key()]);
+        assert!(store.list().unwrap().is_empty());
     }
 
     #[test]

@@ -106,8 +106,16 @@ mod tests {
 
     #[test]
     fn a_restore_names_the_snapshot_and_no_kernel() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (k, i) = (tmp.path().join("k"), tmp.path().join("i"));
+        std::fs::write(&k, b"k").unwrap();
+        std::fs::write(&i, b"i").unwrap();
         let config = Config::parse(
-            "kernel = \"/k\"\ninitramfs = \"/i\"\nkernel_cmdline = \"quiet\"\n",
+            &format!(
+                "kernel = {:?}\ninitramfs = {:?}\nkernel_cmdline = \"quiet\"\n",
+                k.display().to_string(),
+                i.display().to_string()
+            ),
             Path::new("t.toml"),
         )
         .unwrap();

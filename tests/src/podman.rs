@@ -118,6 +118,11 @@ impl Podman {
         Ok(p)
     }
 
+    /// The `husk` behind podman (its root and config).
+    pub fn husk(&self) -> &Husk {
+        &self.husk
+    }
+
     /// husk's state root (what the wrapper passes as `--root`).
     pub fn husk_root(&self) -> PathBuf {
         self.husk.root()
@@ -192,6 +197,8 @@ impl Podman {
         let mut left: Vec<String> = std::fs::read_dir(&root)
             .map(|d| {
                 d.flatten()
+                    // VM templates are kept on purpose, not a container's leftovers.
+                    .filter(|e| e.file_name() != "@templates")
                     .map(|e| format!("state {}", e.path().display()))
                     .collect()
             })

@@ -14,6 +14,11 @@
 //!   container's memory limit in its cgroup, which the container sees at /sys/fs/cgroup
 //!   (a private cgroup namespace in the cgroup v2 guest);
 //! - pod 2 reaches pod 1's IP over TCP (busybox nc);
+//! - VM templates (`template = "auto"`, a private `template_dir`; virtio-fs mode): pod 1's
+//!   shim builds the template of its VM's shape from a boot of its own devices and restores
+//!   it, pod 2 restores the same template; the restored NIC takes each pod's MAC, so the TCP
+//!   check above also checks networking after a restore. `HUSK_CRI_TEMPLATE=off` runs the
+//!   test with cold boots;
 //! - SIGKILL of pod 2's shim: containerd reports its container EXITED, and
 //!   StopPodSandbox/RemovePodSandbox clean up;
 //! - StopContainer/RemoveContainer and StopPodSandbox/RemovePodSandbox of pod 1;
@@ -119,6 +124,7 @@ fn cri_pods_run_in_husk_vms() {
     let console = work.path().join("console.log");
     let mut env: Vec<(&str, PathBuf)> = Vec::new();
     let mut shim_dirs: Vec<PathBuf> = Vec::new();
+    let mut templates = false;
     if vm {
         if skip_without_kvm(NAME) {
             return;
@@ -141,6 +147,17 @@ fn cri_pods_run_in_husk_vms() {
             ),
             None => "rootfs_mode = \"block\"\n".into(),
         };
+        templates = extra.contains("virtiofs")
+            && std::env::var("HUSK_CRI_TEMPLATE").as_deref() != Ok("off");
+        if templates {
+            extra.push_str(&format!(
+                "template = \"auto\"\ntemplate_dir = {:?}\n",
+                work.path().join("templates").display().to_string()
+            ));
+        } else {
+            extra.push_str("template = \"off\"\n");
+        }
+        eprintln!("VM templates: {}", if templates { "on" } else { "off" });
         if std::env::var_os("HUSK_TEST_CONSOLE").is_some() {
             extra.push_str(&format!(
                 "guest_console = {:?}\nkernel_cmdline = \"husk.agent_log=info\"\n",
@@ -434,6 +451,17 @@ fn cri_pods_run_in_husk_vms() {
         );
     }
     steps.done(&format!("TCP from pod 2 ({ip2}) to pod 1 ({ip1})"));
+    if templates {
+        let log = h.log();
+        let built = log.matches("template built").count();
+        let restored = log.matches("VM restored from its template").count();
+        check(
+            built == 1 && restored == 2,
+            "pod VMs restored from one template",
+            format!("{built} template builds and {restored} restores in containerd's log"),
+        );
+        steps.done("both pods restored from the template pod 1 built");
+    }
 
     // The leftover checks used at the end see what running pods hold.
     let live = h.leftovers(shim_name);

@@ -119,7 +119,8 @@ fn ctr_runs_containers_in_husk_vms() {
         "block"
     };
     let mut config = format!(
-        "kernel = {:?}\ninitramfs = {:?}\nrootfs_mode = {mode:?}\nboot_timeout_secs = 300\n",
+        // Cold boots: the CRI test covers the shim's templates.
+        "kernel = {:?}\ninitramfs = {:?}\nrootfs_mode = {mode:?}\nboot_timeout_secs = 300\ntemplate = \"off\"\n",
         image.kernel.display().to_string(),
         image.initramfs.display().to_string(),
     );

@@ -1,6 +1,7 @@
 //! podman 4.3 with husk as its OCI runtime (`podman --runtime …`), on an image made by
 //! `podman import` of a busybox rootfs, with podman's default seccomp profile and the
-//! default virtio-fs rootfs. Three VM boots:
+//! default virtio-fs rootfs, restoring its VMs from a template made first by `husk template
+//! create` (one boot; the containers' VMs are restores):
 //! - `run` with a volume (`-v`): output and exit code, then `logs` and `rm`;
 //! - `run -d`, `exec`, `stop` (TERM reaches the init's trap), `logs`, `rm`;
 //! - `run -t`.
@@ -48,6 +49,15 @@ fn setup() -> Option<(Podman, BusyboxImage)> {
     let rootfs = BusyboxImage::build().expect("busybox rootfs");
     let podman = Podman::new(&Husk::guest_config(&image, &extra), &rootfs.root_dir())
         .expect("podman setup and image import");
+    let o = podman
+        .husk()
+        .output(&["template", "create"])
+        .expect("husk template create");
+    assert!(
+        o.status.success(),
+        "husk template create: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
     Some((podman, rootfs))
 }
 

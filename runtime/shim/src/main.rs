@@ -23,6 +23,7 @@ mod service;
 mod share;
 mod stats;
 mod stdio;
+mod template;
 mod vm;
 
 use std::process::ExitCode;

@@ -17,11 +17,13 @@ use husk_protocol::agent::{BlockRootfs, CreateSandboxRequest, Rootfs, SandboxMou
 use husk_protocol::client::{AgentClient, Target, connect_with_retry};
 use husk_runtime::config::Config;
 use husk_runtime::sizing::VmSize;
-use husk_runtime::vm_config::{path_arg, vm_config};
+use husk_runtime::template::Template;
+use husk_runtime::vm_config::{Launch, launch_config, path_arg};
 use tokio::sync::watch;
 
 use crate::network::dns::GuestDns;
 use crate::share::{SHARE_TAG, SharedDir};
+use crate::template::{self as templates, TemplateRequest};
 
 /// virtio-blk serial of a rootfs image.
 const ROOTFS_SERIAL: &str = "rootfs";
@@ -56,11 +58,15 @@ pub struct Sandbox {
     /// The host resolv.conf whose settings the guest's `sandbox://resolv.conf` holds.
     resolv_conf_source: Option<PathBuf>,
     stopped: watch::Receiver<Option<String>>,
+    /// The template the VM was restored from, if it was.
+    template: Option<Template>,
 }
 
 impl Sandbox {
     /// Boots the VM (sockets in `run_dir`, `extra_args` are more husk-vmm device flags,
     /// e.g. `--net`), waits for its agent and creates the sandbox (with the pod's `dns`).
+    /// With `template` (virtio-fs mode), the VM is restored from the template of its shape,
+    /// made first if missing.
     pub async fn boot(
         config: &Config,
         size: VmSize,
@@ -68,6 +74,7 @@ impl Sandbox {
         share: RootfsShare<'_>,
         extra_args: Vec<String>,
         dns: Option<GuestDns>,
+        template: Option<TemplateRequest>,
     ) -> Result<Self> {
         let vm_socket = run_dir.join(VM_SOCKET);
         let _ = std::fs::remove_file(&vm_socket);
@@ -107,7 +114,30 @@ impl Sandbox {
                 Some(r)
             }
         };
-        let vm_config = vm_config(config, size, &vm_socket, devices)?;
+        let template = match template {
+            Some(request) if virtiofsd.is_some() => {
+                templates::find_or_build(
+                    config,
+                    size,
+                    run_dir,
+                    &devices,
+                    virtiofsd.as_ref(),
+                    request,
+                )
+                .await
+            }
+            Some(_) => {
+                tracing::info!("booting cold: rootfs_mode = \"block\" has no template slot yet");
+                None
+            }
+            None => None,
+        };
+        let launch = match &template {
+            Some(t) => Launch::Restore(&t.dir),
+            None => Launch::Boot,
+        };
+        let vm_config = launch_config(config, size, &vm_socket, devices, launch)?;
+        let started = Instant::now();
 
         let (tx, stopped) = watch::channel(None);
         std::thread::Builder::new()
@@ -134,12 +164,29 @@ impl Sandbox {
         // virtualization, a loaded host: 30 s seen): the boot timeout bounds every call.
         // WaitProcess and GetOOMEvent have no deadline; DestroySandbox has its own.
         let client = client.with_rpc_timeout(boot_timeout);
+        if let Some(t) = &template {
+            // Before anything else runs in it: clones share the template's entropy and clock.
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos() as i64)
+                .unwrap_or_default();
+            client
+                .restored(host_entropy()?, now)
+                .await
+                .context("making the restored VM unique (Restored: reseed and set the clock)")?;
+            tracing::info!(
+                template = t.manifest.key,
+                ms = started.elapsed().as_millis() as u64,
+                "VM restored from its template"
+            );
+        }
         let sandbox = Self {
             client,
             target,
             block_rootfs,
             resolv_conf_source: dns.as_ref().map(|d| d.source.clone()),
             stopped,
+            template,
         };
         let shared = match &share {
             RootfsShare::Virtiofs { shared } => Some(*shared),
@@ -203,6 +250,15 @@ impl Sandbox {
         &self.client
     }
 
+    /// The MAC the guest's NIC has now when it came from a template (before
+    /// ConfigureNetwork gives it the pod's).
+    pub fn template_nic_mac(&self) -> Option<&str> {
+        self.template
+            .as_ref()
+            .and_then(|t| t.manifest.nic_macs.first())
+            .map(String::as_str)
+    }
+
     /// Where the agent is (for stdio attaches).
     pub fn target(&self) -> &Target {
         &self.target
@@ -242,8 +298,20 @@ impl Sandbox {
     }
 }
 
+/// 64 bytes from the host's CSPRNG for a restored guest.
+fn host_entropy() -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; 64];
+    std::io::Read::read_exact(
+        &mut File::open("/dev/urandom").context("opening /dev/urandom")?,
+        &mut buf,
+    )
+    .context("reading /dev/urandom")?;
+    Ok(buf)
+}
+
 /// virtiofsd to start before the VMM connects to it.
-struct Virtiofsd {
+#[derive(Clone)]
+pub struct Virtiofsd {
     bin: PathBuf,
     socket: PathBuf,
     dir: PathBuf,
@@ -253,7 +321,7 @@ struct Virtiofsd {
 /// Body of the VMM thread: virtiofsd (if any), then the VM until it stops. virtiofsd is
 /// spawned from this thread on purpose: its parent-death signal fires when the spawning
 /// thread ends, which is when the VM has stopped.
-fn run_vm(config: &husk_vmm::config::VmConfig, virtiofsd: Option<Virtiofsd>) -> String {
+pub fn run_vm(config: &husk_vmm::config::VmConfig, virtiofsd: Option<Virtiofsd>) -> String {
     let mut child = None;
     if let Some(spec) = virtiofsd {
         match spawn_virtiofsd(&spec) {

@@ -316,9 +316,24 @@ impl Inner {
             } else {
                 None
             };
-            let sandbox = Sandbox::boot(&config, size, &run_dir, share, extra_args, dns).await?;
+            let template = crate::template::TemplateRequest {
+                slots: crate::template::slots(crate::share::SHARE_TAG, network.is_some()),
+                nic_mac: network.as_ref().map(PodNetwork::mac),
+            };
+            let sandbox = Sandbox::boot(
+                &config,
+                size,
+                &run_dir,
+                share,
+                extra_args,
+                dns,
+                Some(template),
+            )
+            .await?;
             if let Some(n) = &network
-                && let Err(e) = n.configure_guest(sandbox.client()).await
+                && let Err(e) = n
+                    .configure_guest(sandbox.client(), sandbox.template_nic_mac())
+                    .await
             {
                 sandbox.shutdown().await;
                 return Err(ShimError::FailedPrecondition(format!(

@@ -476,7 +476,7 @@ fn choose_template(
         inputs = %serde_json::to_string(&inputs).unwrap_or_default(),
         "template inputs of this VM"
     );
-    match TemplateStore::new(root).find(&inputs) {
+    match TemplateStore::for_config(config, root).find(&inputs) {
         Ok(Lookup::Found(t)) => match husk_vmm::persist::MachineState::read(&t.dir) {
             Ok(_) => Some(*t),
             Err(e) => {

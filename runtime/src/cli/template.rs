@@ -3,8 +3,6 @@
 //! (a virtio-fs share served by a virtiofsd on an empty folder), waits for its agent and
 //! snapshots it; `husk create`/`run` then restore it (with `template = "auto"`).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,7 +13,8 @@ use husk_runtime::config::Config;
 use husk_runtime::sizing::VmSize;
 use husk_runtime::state::RootfsMode;
 use husk_runtime::template::{
-    Lookup, Manifest, Template, TemplateInputs, TemplateStore, disk_usage, slots_for,
+    Lookup, Manifest, Template, TemplateInputs, TemplateStore, disk_usage, request_snapshot,
+    slots_for,
 };
 use husk_runtime::vm_config::{path_arg, vm_config};
 use husk_runtime::volumes::{SHARE_TAG, SharedFolder};
@@ -100,9 +99,12 @@ fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: boo
     let slots = slots_for(RootfsMode::Virtiofs, false, SHARE_TAG).map_err(|e| anyhow!(e))?;
     let inputs = TemplateInputs::new(&config, size, cpu.name(), slots)?;
     let key = inputs.key();
-    let store = TemplateStore::new(&g.root);
+    let store = TemplateStore::for_config(&config, &g.root);
     let lock = store.lock()?;
     store.remove_stale_builds(&lock);
+    for key in store.remove_unrestorable(&lock) {
+        eprintln!("husk: removed template {key}: its VMM build, kernel or initramfs is gone");
+    }
     if let Lookup::Found(t) = store.find(&inputs)?
         && !force
     {
@@ -129,6 +131,7 @@ fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: boo
         created: husk_runtime::time::rfc3339(SystemTime::now()),
         boot_ms: boot.as_millis() as u64,
         snapshot: figures,
+        nic_macs: Vec::new(),
     };
     let t = store.commit(&lock, &build, &build.join("snapshot"), &manifest)?;
     tracing::info!(key, dir = %t.dir.display(), boot_ms = manifest.boot_ms, "template created");
@@ -184,7 +187,8 @@ fn boot_and_snapshot(
             anyhow::Ok(())
         })?;
         let boot = started.elapsed();
-        let figures = request_snapshot(&api_socket, &build.join("snapshot"))?;
+        let figures =
+            request_snapshot(&api_socket, &build.join("snapshot")).map_err(|e| anyhow!(e))?;
         let stopped = rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(30), &mut vmm_done).await });
         match stopped {
@@ -202,33 +206,6 @@ fn boot_and_snapshot(
     outcome
 }
 
-/// Asks the VMM's API socket for a snapshot into `dir`.
-fn request_snapshot(api_socket: &Path, dir: &Path) -> Result<serde_json::Value> {
-    let mut conn = UnixStream::connect(api_socket).with_context(|| {
-        format!(
-            "connecting to the VMM's API socket {}",
-            api_socket.display()
-        )
-    })?;
-    conn.set_read_timeout(Some(Duration::from_secs(60)))
-        .context("API socket timeout")?;
-    let request = serde_json::json!({ "action": "snapshot", "dir": dir });
-    writeln!(conn, "{request}").context("sending the snapshot request")?;
-    let mut line = String::new();
-    BufReader::new(conn)
-        .read_line(&mut line)
-        .context("reading the snapshot reply")?;
-    let reply: serde_json::Value =
-        serde_json::from_str(&line).with_context(|| format!("snapshot reply {line:?}"))?;
-    if reply["ok"] != true {
-        bail!(
-            "the VMM refused the snapshot: {}",
-            reply["error"].as_str().unwrap_or(line.trim())
-        );
-    }
-    Ok(reply)
-}
-
 /// Whether `t` is what a container VM of its size would restore under `config` now.
 fn usable(config: &Config, t: &Template) -> bool {
     let Ok(cpu) = cpu_template(config) else {
@@ -244,7 +221,7 @@ fn usable(config: &Config, t: &Template) -> bool {
 
 fn list(g: &GlobalOpts, format: &str) -> Result<i32> {
     let config = Config::load()?;
-    let store = TemplateStore::new(&g.root);
+    let store = TemplateStore::for_config(&config, &g.root);
     let templates = store.list()?;
     match format {
         "json" => {
@@ -299,7 +276,8 @@ fn rm(g: &GlobalOpts, all: bool, keys: &[String]) -> Result<i32> {
     if all != keys.is_empty() {
         bail!("name the templates to remove, or give --all (not both)");
     }
-    let store = TemplateStore::new(&g.root);
+    let config = Config::load()?;
+    let store = TemplateStore::for_config(&config, &g.root);
     let lock = store.lock()?;
     let keys: Vec<String> = if all { store.keys()? } else { keys.to_vec() };
     let mut failed = false;

@@ -88,10 +88,21 @@ impl PodNetwork {
             .unwrap_or_default()
     }
 
-    /// Sends the guest configuration to the agent of the booted VM.
-    pub async fn configure_guest(&self, client: &AgentClient) -> anyhow::Result<()> {
+    /// Sends the guest configuration to the agent of the booted VM. `current_mac`: the
+    /// MAC the guest NIC has now, when the VM was restored from a template whose NIC had it.
+    pub async fn configure_guest(
+        &self,
+        client: &AgentClient,
+        current_mac: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut req = self.guest.clone();
+        if let Some(mac) = current_mac {
+            for iface in &mut req.interfaces {
+                iface.current_mac = mac.to_owned();
+            }
+        }
         client
-            .configure_network(&self.guest)
+            .configure_network(&req)
             .await
             .with_context(|| format!("configuring the guest NIC {}", self.mac()))
     }

@@ -1,0 +1,132 @@
+//! Parallel load through the CLI: `HUSK_PARALLEL` (default 4) concurrent `husk run`, each
+//! its own VM restored from one template (cold boots would take minutes on a two-core
+//! nested host), all succeed with their own output and leave nothing behind; (8 at once on
+//! such a host exceed the agent's 60 s container set-up bound: eight emulated guest kernels
+//! share two cores); a second container with the
+//! id of a running one is refused and the first keeps running. One VM boot (the
+//! template); skips without KVM, the guest image or virtiofsd.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use husk_tests::GuestImage;
+use husk_tests::host::skip_without_kvm;
+use husk_tests::husk_cli::{Bundle, Husk, pid_alive, spec};
+use husk_tests::podman::find_virtiofsd;
+
+fn parallel() -> usize {
+    std::env::var("HUSK_PARALLEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4)
+}
+
+#[test]
+fn concurrent_runs_and_a_duplicate_id() {
+    let test = "concurrent_runs_and_a_duplicate_id";
+    if skip_without_kvm(test) {
+        return;
+    }
+    let Some(virtiofsd) = find_virtiofsd() else {
+        eprintln!("SKIPPED {test}: virtiofsd not installed (scripts/install-deps.sh)");
+        return;
+    };
+    let image = match GuestImage::locate_or_build() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no guest image: {e:#}");
+            return;
+        }
+    };
+    let extra = format!(
+        "rootfs_mode = \"virtiofs\"\nvirtiofsd = {:?}\n",
+        virtiofsd.display().to_string()
+    );
+    let husk = Husk::new(&Husk::guest_config(&image, &extra)).expect("husk setup");
+    let o = husk.output(&["template", "create"]).unwrap();
+    assert!(
+        o.status.success(),
+        "template create: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+
+    let mut children = Vec::new();
+    for n in 0..parallel() {
+        let name = format!("p{n}");
+        let b = Bundle::busybox(husk.dir(), &name, &spec(&["cat", "/me"], true)).unwrap();
+        std::fs::write(b.dir.join("rootfs/me"), format!("container {n}\n")).unwrap();
+        let child: std::process::Child = husk
+            .command(&["run", "--bundle", b.path(), &name])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push((n, child));
+    }
+    let mut failures = Vec::new();
+    for (n, child) in children {
+        let o = child.wait_with_output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        if !o.status.success() || out != format!("container {n}\n") {
+            failures.push(format!(
+                "p{n}: {} stdout {out:?} stderr {}",
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
+            ));
+        }
+    }
+    assert!(failures.is_empty(), "concurrent runs failed: {failures:#?}");
+    let left: Vec<String> = std::fs::read_dir(husk.root())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != "@templates")
+        .collect();
+    assert!(left.is_empty(), "state left by the runs: {left:?}");
+    let monitors = husk_processes(&husk);
+    assert!(monitors.is_empty(), "processes left: {monitors:#?}");
+
+    // The same id twice: refused by name, and the first container is untouched.
+    let b = Bundle::busybox(husk.dir(), "dup", &spec(&["sleep", "1000"], true)).unwrap();
+    let first = husk
+        .spawn_to_files("dup1", &["run", "--detach", "--bundle", b.path(), "dup"])
+        .unwrap();
+    assert_eq!(first.code, Some(0), "run -d: {}", first.stderr());
+    let before = husk.state("dup").unwrap();
+    let second = husk
+        .spawn_to_files("dup2", &["create", "--bundle", b.path(), "dup"])
+        .unwrap();
+    assert_ne!(second.code, Some(0), "a second container with the same id");
+    assert!(
+        second.stderr().contains("dup") && second.stderr().contains("exists"),
+        "{}",
+        second.stderr()
+    );
+    let after = husk
+        .wait_status("dup", "running", Duration::from_secs(5))
+        .unwrap();
+    assert_eq!(
+        before["pid"], after["pid"],
+        "the first container's monitor is the same"
+    );
+    assert!(pid_alive(after["pid"].as_i64().unwrap_or(0)));
+    let o = husk.output(&["delete", "--force", "dup"]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+/// Live processes whose command line names this test's state root.
+fn husk_processes(husk: &Husk) -> Vec<String> {
+    let marker = husk.root().to_string_lossy().into_owned();
+    let out = Command::new("ps")
+        .args(["-eo", "pid=,stat=,args="])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| {
+            l.contains(&marker) && !l.split_whitespace().nth(1).unwrap_or("").starts_with('Z')
+        })
+        .map(str::to_owned)
+        .collect()
+}
