@@ -276,6 +276,28 @@ pub fn spawn_vcpus(
     Ok(threads)
 }
 
+/// How long the vCPU threads get to end once the VM has stopped.
+const VCPU_END_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Kicks every vCPU thread out of the guest after the VM's stop was requested (each then
+/// ends, see `vcpu::run`) and waits up to `timeout` for them; false if one is still running.
+fn end_vcpus(handles: &[JoinHandle<()>], timeout: Duration) -> bool {
+    for h in handles.iter().filter(|h| !h.is_finished()) {
+        // The thread is not joined, so its pthread_t is still valid.
+        if let Err(e) = kick::kick(h.as_pthread_t()) {
+            tracing::debug!("kicking a vCPU thread at the VM's stop: {e}");
+        }
+    }
+    let deadline = Instant::now() + timeout;
+    while handles.iter().any(|h| !h.is_finished()) {
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    true
+}
+
 /// Blocks SIGTERM and SIGINT in this thread (and every thread it starts later), and
 /// returns a signalfd that receives them.
 fn block_stop_signals() -> std::io::Result<File> {
@@ -869,7 +891,13 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         drop(machine);
         return Ok(reason);
     }
-    // The VM and its memory go away with the process; keep them alive until then.
+    // vCPUs parked by a snapshot that failed wake up to the stop and end as well.
+    machine.pause.resume();
+    if !end_vcpus(&handles, VCPU_END_TIMEOUT) {
+        tracing::warn!("a vCPU thread did not end within {VCPU_END_TIMEOUT:?} of the VM's stop");
+    }
+    // The VM and its memory go away with the process; keep them alive until then (a vCPU
+    // that did not end may still be inside KVM_RUN).
     std::mem::forget(machine);
     std::mem::forget(handles);
     Ok(reason)
@@ -970,6 +998,46 @@ mod tests {
             std::thread::sleep(Duration::from_millis(5));
         }
         panic!("tiny guest did not stop in time");
+    }
+
+    /// A vCPU spinning in the guest when the VM is stopped from elsewhere (a signal, another
+    /// vCPU) is kicked out and its thread ends, instead of burning a host CPU for as long as
+    /// the process (a shim, a monitor) lives on.
+    #[test]
+    fn a_stop_ends_a_vcpu_spinning_in_the_guest() {
+        let kvm = match host::open_kvm(KVM_DEVICE) {
+            Ok(k) => k,
+            Err(e) => {
+                eprintln!("skipping KVM smoke test: {e}");
+                return;
+            }
+        };
+        let vm = create_vm(&kvm).unwrap();
+        let mem = memory::create_guest_memory(64 << 20, memory::RamBacking::Anonymous).unwrap();
+        register_memory(&vm, &mem).unwrap();
+        let entry = layout::HIMEM_START;
+        // hang: jmp hang
+        mem.write_slice(&[0xeb, 0xfe], GuestAddress(entry)).unwrap();
+        let cr3 = write_boot_tables(&mem).unwrap();
+        let template = crate::cpu_template::TemplateChoice::Auto.resolve(host::probe());
+        let vcpus = create_vcpus(&kvm, &vm, template, 1, entry, cr3).unwrap();
+        let stop = StopSignal::new().unwrap();
+        let shared = VcpuShared {
+            pio: Arc::new(Bus::new()),
+            mmio: Arc::new(Bus::new()),
+            stop: stop.clone(),
+            metrics: Arc::new(Metrics::new(Instant::now(), None).unwrap()),
+            pause: Arc::new(PauseControl::new()),
+            msr_list: Arc::new(Vec::new()),
+        };
+        let handles = spawn_vcpus(vcpus, &mem, &shared).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!handles[0].is_finished(), "the guest spins");
+        stop.request(StopReason::Signal(libc::SIGTERM));
+        assert!(
+            end_vcpus(&handles, Duration::from_secs(10)),
+            "the spinning vCPU ended after the stop"
+        );
     }
 
     #[test]

@@ -89,6 +89,12 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
             if let Some(p) = &profile {
                 p.sample(&vcpu);
             }
+            // The VM was stopped elsewhere (another vCPU, a signal, the VMM): end too, so a
+            // stopped VM uses no host CPU while its process lives on (a shim, a monitor).
+            if !ctx.pause.requested() && ctx.stop.reason().is_some() {
+                kick::unregister();
+                return;
+            }
         }
         match next {
             Next::Continue => {}
