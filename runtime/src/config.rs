@@ -258,6 +258,20 @@ impl Config {
         })
     }
 
+    /// The CPU template `cpu_template` resolves to on this host (`auto` picks by host kind).
+    pub fn cpu_template_here(&self) -> Result<husk_vmm::cpu_template::CpuTemplate, ConfigError> {
+        let choice = self
+            .cpu_template
+            .parse::<husk_vmm::cpu_template::TemplateChoice>()
+            .map_err(|why| ConfigError::Invalid {
+                path: PathBuf::from(&self.source),
+                key: "cpu_template",
+                value: self.cpu_template.clone(),
+                why,
+            })?;
+        Ok(choice.resolve(husk_vmm::host::probe()))
+    }
+
     /// The guest kernel: the configured path, else the newest one in the guest-image cache.
     pub fn kernel_path(&self) -> Result<PathBuf, ConfigError> {
         self.guest_file("kernel", "kernel", self.kernel.as_deref(), "vmlinux")

@@ -130,12 +130,15 @@ pub struct TemplateInputs {
 pub const NET_SLOT: &str = "net";
 
 /// The device slots a container's VM needs, or why no template can serve it yet.
+/// A pod VM (`has_nic`) has its NIC after the share.
 pub fn slots_for(
     mode: RootfsMode,
     has_binds: bool,
     share_tag: &str,
+    has_nic: bool,
 ) -> Result<Vec<String>, String> {
     match mode {
+        RootfsMode::Virtiofs if has_nic => Ok(vec![format!("fs:{share_tag}"), NET_SLOT.into()]),
         RootfsMode::Virtiofs => Ok(vec![format!("fs:{share_tag}")]),
         RootfsMode::Block if has_binds => Err(
             "rootfs_mode = \"block\" with host bind mounts: templates have no block slot yet"
@@ -148,14 +151,8 @@ pub fn slots_for(
 }
 
 impl TemplateInputs {
-    /// The inputs of a VM of `size` with `slots`, under `config` and the resolved CPU
-    /// template `cpu_template`.
-    pub fn new(
-        config: &Config,
-        size: VmSize,
-        cpu_template: &str,
-        slots: Vec<String>,
-    ) -> Result<Self, TemplateError> {
+    /// The inputs of a VM of `size` with `slots` under `config` on this host.
+    pub fn new(config: &Config, size: VmSize, slots: Vec<String>) -> Result<Self, TemplateError> {
         Ok(Self {
             husk_version: env!("CARGO_PKG_VERSION").to_owned(),
             vmm_build: husk_vmm::BUILD_ID.to_owned(),
@@ -163,7 +160,7 @@ impl TemplateInputs {
             initramfs: FileIdentity::of(&config.initramfs_path()?)?,
             vcpus: size.vcpus,
             memory_mib: size.memory_mib,
-            cpu_template: cpu_template.to_owned(),
+            cpu_template: config.cpu_template_here()?.name().to_owned(),
             kernel_cmdline: config.kernel_cmdline.clone(),
             guest_console: config.guest_console.clone(),
             slots,
@@ -534,8 +531,7 @@ mod tests {
                 vcpus: 1,
                 memory_mib: 128,
             },
-            "pvm",
-            slots_for(RootfsMode::Virtiofs, false, "shared").unwrap(),
+            slots_for(RootfsMode::Virtiofs, false, "shared", false).unwrap(),
         )
         .unwrap()
     }
@@ -663,16 +659,28 @@ mod tests {
     #[test]
     fn block_mode_has_no_template_slot_yet() {
         assert_eq!(
-            slots_for(RootfsMode::Virtiofs, true, "shared").unwrap(),
+            slots_for(RootfsMode::Virtiofs, true, "shared", false).unwrap(),
             vec!["fs:shared".to_string()]
         );
-        let why = slots_for(RootfsMode::Block, false, "shared").unwrap_err();
+        let why = slots_for(RootfsMode::Block, false, "shared", false).unwrap_err();
         assert!(why.contains("block"), "{why}");
     }
 
     #[test]
     fn the_templates_folder_cannot_be_a_container_id() {
         assert!(crate::id::validate(TEMPLATES_DIR).is_err());
+    }
+
+    #[test]
+    fn a_pod_with_a_nic_has_a_net_slot_after_its_share() {
+        assert_eq!(
+            slots_for(RootfsMode::Virtiofs, false, "shared", false).unwrap(),
+            vec!["fs:shared".to_string()]
+        );
+        assert_eq!(
+            slots_for(RootfsMode::Virtiofs, false, "shared", true).unwrap(),
+            vec!["fs:shared".to_string(), "net".to_string()]
+        );
     }
 
     #[test]

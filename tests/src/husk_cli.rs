@@ -196,6 +196,31 @@ impl PipedOutput {
     }
 }
 
+/// What a virtio-fs CLI test needs: the guest image and the config lines of the virtio-fs
+/// rootfs mode with the installed virtiofsd. `None` (after saying why `test` skips) without
+/// KVM, virtiofsd or the guest image.
+pub fn virtiofs_setup(test: &str) -> Option<(GuestImage, String)> {
+    if crate::host::skip_without_kvm(test) {
+        return None;
+    }
+    let Some(virtiofsd) = crate::podman::find_virtiofsd() else {
+        eprintln!("SKIPPED {test}: virtiofsd not installed (scripts/install-deps.sh)");
+        return None;
+    };
+    let image = match GuestImage::locate_or_build() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no guest image: {e:#}");
+            return None;
+        }
+    };
+    let extra = format!(
+        "rootfs_mode = \"virtiofs\"\nvirtiofsd = {:?}\n",
+        virtiofsd.display().to_string()
+    );
+    Some((image, extra))
+}
+
 /// A bundle directory: a busybox rootfs and a config.json.
 pub struct Bundle {
     pub dir: PathBuf,

@@ -9,10 +9,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use husk_tests::GuestImage;
-use husk_tests::host::skip_without_kvm;
-use husk_tests::husk_cli::{Bundle, Husk, pid_alive, spec};
-use husk_tests::podman::find_virtiofsd;
+use husk_tests::husk_cli::{Bundle, Husk, pid_alive, spec, virtiofs_setup};
 
 fn parallel() -> usize {
     std::env::var("HUSK_PARALLEL")
@@ -23,25 +20,9 @@ fn parallel() -> usize {
 
 #[test]
 fn concurrent_runs_and_a_duplicate_id() {
-    let test = "concurrent_runs_and_a_duplicate_id";
-    if skip_without_kvm(test) {
-        return;
-    }
-    let Some(virtiofsd) = find_virtiofsd() else {
-        eprintln!("SKIPPED {test}: virtiofsd not installed (scripts/install-deps.sh)");
+    let Some((image, extra)) = virtiofs_setup("concurrent_runs_and_a_duplicate_id") else {
         return;
     };
-    let image = match GuestImage::locate_or_build() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: no guest image: {e:#}");
-            return;
-        }
-    };
-    let extra = format!(
-        "rootfs_mode = \"virtiofs\"\nvirtiofsd = {:?}\n",
-        virtiofsd.display().to_string()
-    );
     let husk = Husk::new(&Husk::guest_config(&image, &extra)).expect("husk setup");
     let o = husk.output(&["template", "create"]).unwrap();
     assert!(

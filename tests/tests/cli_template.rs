@@ -5,22 +5,8 @@
 
 use std::process::Stdio;
 
-use husk_tests::GuestImage;
-use husk_tests::host::skip_without_kvm;
-use husk_tests::husk_cli::{Bundle, Husk, spec};
+use husk_tests::husk_cli::{Bundle, Husk, spec, virtiofs_setup};
 use serde_json::Value;
-
-fn virtiofsd() -> Option<std::path::PathBuf> {
-    let mut dirs: Vec<std::path::PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect())
-        .unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        dirs.push(std::path::Path::new(&home).join(".cargo/bin"));
-    }
-    dirs.into_iter()
-        .map(|d| d.join("virtiofsd"))
-        .find(|p| p.is_file())
-}
 
 fn templates(husk: &Husk) -> Vec<Value> {
     let o = husk
@@ -41,24 +27,10 @@ fn templates(husk: &Husk) -> Vec<Value> {
 #[test]
 fn run_restores_a_template_into_unique_containers_on_their_own_share() {
     let test = "run_restores_a_template_into_unique_containers_on_their_own_share";
-    if skip_without_kvm(test) {
-        return;
-    }
-    let Some(virtiofsd) = virtiofsd() else {
-        eprintln!("SKIPPED {test}: virtiofsd not installed (scripts/install-deps.sh)");
+    let Some((image, base)) = virtiofs_setup(test) else {
         return;
     };
-    let image = match GuestImage::locate_or_build() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: no guest image: {e:#}");
-            return;
-        }
-    };
-    let extra = format!(
-        "rootfs_mode = \"virtiofs\"\nvirtiofsd = {:?}\nlog_level = \"info\"\n",
-        virtiofsd.display().to_string()
-    );
+    let extra = format!("{base}log_level = \"info\"\n");
     let config = Husk::guest_config(&image, &extra);
     let husk = Husk::new(&config).expect("husk setup");
 

@@ -152,6 +152,8 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Errors of the agent client.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
+    #[error("reading host entropy from /dev/urandom: {0}")]
+    HostEntropy(#[source] io::Error),
     #[error("invalid agent target {target:?}: {why}")]
     InvalidTarget { target: String, why: String },
     #[error("connecting to {target}: {source}")]
@@ -443,6 +445,21 @@ impl AgentClient {
             .get_guest_details(self.ctx(), &GetGuestDetailsRequest::new())
             .await
             .map_err(self.rpc_error("GetGuestDetails"))
+    }
+
+    /// [`restored`](Self::restored) with 64 bytes of the host's entropy and the host's
+    /// clock: what every clone of a snapshot needs before anything else runs in it (clones
+    /// share the snapshot's CRNG state and a clock that stood still).
+    pub async fn restored_from_host(&self) -> Result<i64, ClientError> {
+        let mut entropy = vec![0u8; 64];
+        std::fs::File::open("/dev/urandom")
+            .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut entropy))
+            .map_err(ClientError::HostEntropy)?;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as i64)
+            .unwrap_or_default();
+        self.restored(entropy, now).await
     }
 
     /// `Restored`: reseeds the guest's CRNG with `entropy` and sets its wall clock to

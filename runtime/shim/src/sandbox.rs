@@ -115,7 +115,7 @@ impl Sandbox {
             }
         };
         let template = match template {
-            Some(request) if virtiofsd.is_some() => {
+            Some(request) => {
                 templates::find_or_build(
                     config,
                     size,
@@ -125,10 +125,6 @@ impl Sandbox {
                     request,
                 )
                 .await
-            }
-            Some(_) => {
-                tracing::info!("booting cold: rootfs_mode = \"block\" has no template slot yet");
-                None
             }
             None => None,
         };
@@ -165,13 +161,9 @@ impl Sandbox {
         // WaitProcess and GetOOMEvent have no deadline; DestroySandbox has its own.
         let client = client.with_rpc_timeout(boot_timeout);
         if let Some(t) = &template {
-            // Before anything else runs in it: clones share the template's entropy and clock.
-            let now = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos() as i64)
-                .unwrap_or_default();
+            // Before anything else runs in it.
             client
-                .restored(host_entropy()?, now)
+                .restored_from_host()
                 .await
                 .context("making the restored VM unique (Restored: reseed and set the clock)")?;
             tracing::info!(
@@ -296,17 +288,6 @@ impl Sandbox {
             );
         }
     }
-}
-
-/// 64 bytes from the host's CSPRNG for a restored guest.
-fn host_entropy() -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; 64];
-    std::io::Read::read_exact(
-        &mut File::open("/dev/urandom").context("opening /dev/urandom")?,
-        &mut buf,
-    )
-    .context("reading /dev/urandom")?;
-    Ok(buf)
 }
 
 /// virtiofsd to start before the VMM connects to it.

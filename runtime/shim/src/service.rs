@@ -241,10 +241,8 @@ impl Inner {
     async fn boot_vm(&self, req: &CreateTaskRequest, b: &Bundle, role: &Role) -> ShimResult<PodVm> {
         let config = Config::load().map_err(|e| ShimError::FailedPrecondition(e.to_string()))?;
         let template = config
-            .cpu_template
-            .parse::<husk_vmm::cpu_template::TemplateChoice>()
-            .map_err(|e| ShimError::FailedPrecondition(format!("cpu_template: {e}")))?
-            .resolve(husk_vmm::host::probe());
+            .cpu_template_here()
+            .map_err(|e| ShimError::FailedPrecondition(e.to_string()))?;
         let is_pod = *role == Role::Sandbox;
         let size = if is_pod {
             let spec = serde_json::from_value(pod::with_pod_limits(&b.raw))
@@ -316,20 +314,24 @@ impl Inner {
             } else {
                 None
             };
-            let template = crate::template::TemplateRequest {
-                slots: crate::template::slots(crate::share::SHARE_TAG, network.is_some()),
-                nic_mac: network.as_ref().map(PodNetwork::mac),
+            let slots = husk_runtime::template::slots_for(
+                mode,
+                false,
+                crate::share::SHARE_TAG,
+                network.is_some(),
+            );
+            let template = match slots {
+                Ok(slots) => Some(crate::template::TemplateRequest {
+                    slots,
+                    nic_mac: network.as_ref().map(PodNetwork::mac),
+                }),
+                Err(why) => {
+                    tracing::info!("booting cold: {why}");
+                    None
+                }
             };
-            let sandbox = Sandbox::boot(
-                &config,
-                size,
-                &run_dir,
-                share,
-                extra_args,
-                dns,
-                Some(template),
-            )
-            .await?;
+            let sandbox =
+                Sandbox::boot(&config, size, &run_dir, share, extra_args, dns, template).await?;
             if let Some(n) = &network
                 && let Err(e) = n
                     .configure_guest(sandbox.client(), sandbox.template_nic_mac())

@@ -12,8 +12,7 @@ use husk_protocol::client::{Target, connect_with_retry};
 use husk_runtime::config::Config;
 use husk_runtime::sizing::VmSize;
 use husk_runtime::template::{
-    Lookup, Manifest, NET_SLOT, Template, TemplateInputs, TemplateMode, TemplateStore,
-    request_snapshot,
+    Lookup, Manifest, Template, TemplateInputs, TemplateMode, TemplateStore, request_snapshot,
 };
 use husk_runtime::vm_config::{path_arg, vm_config};
 use tokio::sync::watch;
@@ -44,17 +43,7 @@ pub async fn find_or_build(
     if config.template == TemplateMode::Off {
         return None;
     }
-    let cpu = match config
-        .cpu_template
-        .parse::<husk_vmm::cpu_template::TemplateChoice>()
-    {
-        Ok(c) => c.resolve(husk_vmm::host::probe()),
-        Err(e) => {
-            tracing::warn!("booting cold: cpu_template: {e}");
-            return None;
-        }
-    };
-    let inputs = match TemplateInputs::new(config, size, cpu.name(), request.slots) {
+    let inputs = match TemplateInputs::new(config, size, request.slots) {
         Ok(i) => i,
         Err(e) => {
             tracing::warn!("booting cold: the template inputs cannot be read: {e}");
@@ -219,27 +208,4 @@ async fn boot_and_snapshot(
     }
     let _ = std::fs::remove_file(&vm_socket);
     Ok((boot, figures))
-}
-
-/// The slots of a VM: the share (virtio-fs rootfs mode) and the pod's NIC.
-pub fn slots(share_tag: &str, has_nic: bool) -> Vec<String> {
-    let mut slots = vec![format!("fs:{share_tag}")];
-    if has_nic {
-        slots.push(NET_SLOT.to_owned());
-    }
-    slots
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_pod_with_a_nic_has_a_net_slot_after_its_share() {
-        assert_eq!(slots("shared", false), vec!["fs:shared".to_string()]);
-        assert_eq!(
-            slots("shared", true),
-            vec!["fs:shared".to_string(), "net".to_string()]
-        );
-    }
 }

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use husk_runtime::bundle::{Bundle, CONFIG_FILE};
 use husk_runtime::config::Config;
 use husk_runtime::process::ProcessIdentity;
@@ -45,11 +45,7 @@ fn prepare(g: &GlobalOpts, opts: &CreateOpts, id: &str, own_tty: bool) -> Result
             config.source
         );
     }
-    let template = config
-        .cpu_template
-        .parse::<husk_vmm::cpu_template::TemplateChoice>()
-        .map_err(|e| anyhow!(e))?
-        .resolve(husk_vmm::host::probe());
+    let template = config.cpu_template_here()?;
     let size = sizing::vm_size(&bundle.spec, &config, template)?;
     let terminal = bundle
         .spec

@@ -195,14 +195,9 @@ impl Monitor {
             // a loaded host): the boot timeout bounds the set-up calls too.
             let client = client.with_rpc_timeout(Duration::from_secs(config.boot_timeout_secs));
             if let Some(t) = &template {
-                // Before anything else runs in it: every clone of a template starts with the
-                // template's entropy pool and clock.
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_nanos() as i64)
-                    .unwrap_or_default();
+                // Before anything else runs in it.
                 client
-                    .restored(host_entropy()?, now)
+                    .restored_from_host()
                     .await
                     .context("making the restored VM unique (Restored: reseed and set the clock)")?;
                 tracing::info!(
@@ -425,17 +420,6 @@ pub(super) fn spawn_vmm(
     Ok(vmm_done)
 }
 
-/// 64 bytes from the host's CSPRNG for a restored guest.
-fn host_entropy() -> Result<Vec<u8>> {
-    let mut buf = vec![0u8; 64];
-    std::io::Read::read_exact(
-        &mut File::open("/dev/urandom").context("opening /dev/urandom")?,
-        &mut buf,
-    )
-    .context("reading /dev/urandom")?;
-    Ok(buf)
-}
-
 /// The template this container's VM restores from, under `template = "auto"`; `None` boots
 /// cold, with one log line saying why.
 fn choose_template(
@@ -448,24 +432,14 @@ fn choose_template(
     if config.template == husk_runtime::template::TemplateMode::Off {
         return None;
     }
-    let slots = match slots_for(mode, !binds.binds.is_empty(), SHARE_TAG) {
+    let slots = match slots_for(mode, !binds.binds.is_empty(), SHARE_TAG, false) {
         Ok(s) => s,
         Err(why) => {
             tracing::info!("booting cold: {why}");
             return None;
         }
     };
-    let cpu = match config
-        .cpu_template
-        .parse::<husk_vmm::cpu_template::TemplateChoice>()
-    {
-        Ok(c) => c.resolve(husk_vmm::host::probe()),
-        Err(e) => {
-            tracing::warn!("booting cold: cpu_template: {e}");
-            return None;
-        }
-    };
-    let inputs = match TemplateInputs::new(config, size, cpu.name(), slots) {
+    let inputs = match TemplateInputs::new(config, size, slots) {
         Ok(i) => i,
         Err(e) => {
             tracing::warn!("booting cold: the template inputs cannot be read: {e}");

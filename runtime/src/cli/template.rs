@@ -64,18 +64,9 @@ pub fn run(g: &GlobalOpts, cmd: TemplateCommand) -> Result<i32> {
     }
 }
 
-/// The resolved CPU template of this host under `config`.
-fn cpu_template(config: &Config) -> Result<husk_vmm::cpu_template::CpuTemplate> {
-    Ok(config
-        .cpu_template
-        .parse::<husk_vmm::cpu_template::TemplateChoice>()
-        .map_err(|e| anyhow!("cpu_template in {}: {e}", config.source))?
-        .resolve(husk_vmm::host::probe()))
-}
-
 fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: bool) -> Result<i32> {
     let config = Config::load()?;
-    let cpu = cpu_template(&config)?;
+    let cpu = config.cpu_template_here()?;
     let vcpus = vcpus.unwrap_or(config.vcpus);
     if vcpus == 0 || vcpus > config.max_vcpus {
         bail!(
@@ -96,8 +87,8 @@ fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: boo
         );
     }
     let size = VmSize { vcpus, memory_mib };
-    let slots = slots_for(RootfsMode::Virtiofs, false, SHARE_TAG).map_err(|e| anyhow!(e))?;
-    let inputs = TemplateInputs::new(&config, size, cpu.name(), slots)?;
+    let slots = slots_for(RootfsMode::Virtiofs, false, SHARE_TAG, false).map_err(|e| anyhow!(e))?;
+    let inputs = TemplateInputs::new(&config, size, slots)?;
     let key = inputs.key();
     let store = TemplateStore::for_config(&config, &g.root);
     let lock = store.lock()?;
@@ -208,14 +199,11 @@ fn boot_and_snapshot(
 
 /// Whether `t` is what a container VM of its size would restore under `config` now.
 fn usable(config: &Config, t: &Template) -> bool {
-    let Ok(cpu) = cpu_template(config) else {
-        return false;
-    };
     let size = VmSize {
         vcpus: t.manifest.inputs.vcpus,
         memory_mib: t.manifest.inputs.memory_mib,
     };
-    TemplateInputs::new(config, size, cpu.name(), t.manifest.inputs.slots.clone())
+    TemplateInputs::new(config, size, t.manifest.inputs.slots.clone())
         .is_ok_and(|now| now == t.manifest.inputs)
 }
 
