@@ -35,6 +35,7 @@ pub struct FileConfig {
     pub kernel_cmdline: Option<String>,
     pub template: Option<String>,
     pub template_dir: Option<PathBuf>,
+    pub vmm_seccomp: Option<String>,
 }
 
 /// The configuration in effect (defaults filled in, values checked).
@@ -61,6 +62,8 @@ pub struct Config {
     pub template: crate::template::TemplateMode,
     /// Where VM templates are kept; `None`: `<state root>/@templates`.
     pub template_dir: Option<PathBuf>,
+    /// Seccomp filters on the VMM's vCPU and device threads (docs/security.md).
+    pub vmm_seccomp: husk_vmm::seccomp::SeccompMode,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +238,17 @@ impl Config {
                 .map_err(|why| invalid("template", t.clone(), &why))?,
             None => crate::template::TemplateMode::default(),
         };
+        let vmm_seccomp = match file.vmm_seccomp.as_deref() {
+            None | Some("enforce") => husk_vmm::seccomp::SeccompMode::Enforce,
+            Some("off") => husk_vmm::seccomp::SeccompMode::Off,
+            Some(other) => {
+                return Err(invalid(
+                    "vmm_seccomp",
+                    other.to_owned(),
+                    "expected \"enforce\" or \"off\"",
+                ));
+            }
+        };
         Ok(Config {
             source: source.to_owned(),
             kernel: file.kernel,
@@ -255,6 +269,7 @@ impl Config {
             kernel_cmdline,
             template,
             template_dir: file.template_dir,
+            vmm_seccomp,
         })
     }
 
@@ -484,6 +499,7 @@ mod tests {
             kernel_cmdline = "husk.agent_log=info"
             template = "off"
             template_dir = "/var/lib/husk/templates"
+            vmm_seccomp = "off"
             "#,
         )
         .unwrap();
@@ -493,6 +509,11 @@ mod tests {
         assert_eq!(c.boot_timeout_secs, 30);
         assert_eq!(c.kernel_cmdline, "husk.agent_log=info");
         assert_eq!(c.template, crate::template::TemplateMode::Off);
+        assert_eq!(c.vmm_seccomp, husk_vmm::seccomp::SeccompMode::Off);
+        assert_eq!(
+            parse("").unwrap().vmm_seccomp,
+            husk_vmm::seccomp::SeccompMode::Enforce
+        );
     }
 
     #[test]
@@ -511,6 +532,8 @@ mod tests {
             err.contains("template") && err.contains("auto or off"),
             "{err}"
         );
+        let err = parse("vmm_seccomp = \"log\"").unwrap_err().to_string();
+        assert!(err.contains("vmm_seccomp") && err.contains("log"), "{err}");
         let err = parse("cpu_template = \"fast\"").unwrap_err().to_string();
         assert!(err.contains("cpu_template"), "{err}");
         let err = parse("log_level = \"loud\"").unwrap_err().to_string();

@@ -80,6 +80,9 @@ pub fn launch_config(
         config.cpu_template.clone(),
     ]);
     args.extend(devices);
+    if config.vmm_seccomp == husk_vmm::seccomp::SeccompMode::Off {
+        args.push("--seccomp=off".into());
+    }
     if let Some(console) = &config.guest_console {
         args.push("--console".into());
         args.push(format!("file:{}", path_arg(console)?));
@@ -126,6 +129,11 @@ mod tests {
         let sock = Path::new("/run/x/vm.sock");
         let boot = vm_config(&config, size, sock, vec![]).unwrap();
         assert_eq!(boot.restore, None);
+        assert_eq!(boot.seccomp, husk_vmm::seccomp::SeccompMode::Enforce);
+        let mut unconfined = config.clone();
+        unconfined.vmm_seccomp = husk_vmm::seccomp::SeccompMode::Off;
+        let off = vm_config(&unconfined, size, sock, vec![]).unwrap();
+        assert_eq!(off.seccomp, husk_vmm::seccomp::SeccompMode::Off);
         let restore = launch_config(
             &config,
             size,

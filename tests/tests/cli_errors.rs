@@ -177,3 +177,28 @@ fn log_file_gets_runc_style_json_errors() {
     assert_eq!(line["level"], "error");
     assert!(line["msg"].as_str().unwrap().contains("ghost"), "{line}");
 }
+
+#[test]
+fn check_reports_the_vmm_confinement_in_use() {
+    let h = husk();
+    let line = |h: &Husk| {
+        let o = h.output(&["check"]).expect("run husk check");
+        String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .find(|l| l.contains("VMM confinement"))
+            .map(str::to_owned)
+            .unwrap_or_else(|| panic!("no confinement line in {o:?}"))
+    };
+    // This host has seccomp filters (the VM tests run under them).
+    let on = line(&h);
+    assert!(on.starts_with("[ok]") && on.contains("seccomp"), "{on}");
+    let config = h.dir().join("config.toml");
+    let mut text = std::fs::read_to_string(&config).unwrap();
+    text.push_str("vmm_seccomp = \"off\"\n");
+    std::fs::write(&config, text).unwrap();
+    let off = line(&h);
+    assert!(
+        off.starts_with("[warn]") && off.contains("unfiltered"),
+        "{off}"
+    );
+}

@@ -99,6 +99,9 @@ pub struct Cli {
     /// The guest kernel's System.map for --profile [default: System.map next to --kernel].
     #[arg(long, value_name = "PATH")]
     pub profile_symbols: Option<PathBuf>,
+    /// Seccomp filters on the vCPU and device threads (docs/security.md) [default: enforce].
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub seccomp: Option<crate::seccomp::SeccompMode>,
 }
 
 /// The JSON form of [`Cli`].
@@ -137,6 +140,7 @@ pub struct FileConfig {
     pub profile_hz: Option<u32>,
     #[serde(alias = "profile-symbols")]
     pub profile_symbols: Option<PathBuf>,
+    pub seccomp: Option<crate::seccomp::SeccompMode>,
 }
 
 /// `rng` in JSON may be a boolean or "on"/"off".
@@ -359,6 +363,8 @@ pub struct VmConfig {
     pub restore: Option<PathBuf>,
     /// `--profile`: sample the guest and count exits (see [`crate::profile`]).
     pub profile: Option<ProfileSpec>,
+    /// `--seccomp`: whether vCPU and device threads run under their filters.
+    pub seccomp: crate::seccomp::SeccompMode,
 }
 
 /// A configuration problem, named so the user can fix it.
@@ -584,6 +590,7 @@ pub fn merge(cli: Cli, file: FileConfig) -> Result<VmConfig, ConfigError> {
         api_socket: cli.api_socket.or(file.api_socket),
         restore,
         profile,
+        seccomp: cli.seccomp.or(file.seccomp).unwrap_or_default(),
     })
 }
 

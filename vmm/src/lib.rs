@@ -30,6 +30,7 @@ pub mod memory;
 pub mod metrics;
 pub mod persist;
 pub mod profile;
+pub mod seccomp;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

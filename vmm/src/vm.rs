@@ -37,6 +37,7 @@ use crate::memory::{self, GuestMemory, MemoryError};
 use crate::metrics::Metrics;
 use crate::persist::vm_state::VmState;
 use crate::persist::{self, MachineState, SnapshotError};
+use crate::seccomp::{Filters, SeccompError, SeccompMode, Spawner};
 use crate::stop::{StopReason, StopSignal};
 use crate::vcpu::pause::PauseControl;
 use crate::vcpu::persist::VcpuStateError;
@@ -49,6 +50,8 @@ const KVM_DEVICE: &str = "/dev/kvm";
 pub enum VmError {
     #[error(transparent)]
     KvmOpen(#[from] host::KvmOpenError),
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     #[error("{what}: {source}")]
     Kvm {
         what: &'static str,
@@ -238,6 +241,9 @@ pub struct VcpuShared {
     pub metrics: Arc<Metrics>,
     pub pause: Arc<PauseControl>,
     pub msr_list: Arc<Vec<u32>>,
+    /// Under `--seccomp enforce`: the filters vCPU threads confine themselves with, and
+    /// the spawner that starts their devices' workers.
+    pub seccomp: Option<(Arc<Filters>, Spawner)>,
 }
 
 /// Starts one thread per vCPU; returns their thread ids, for kicking them.
@@ -261,6 +267,7 @@ pub fn spawn_vcpus(
             metrics: Arc::clone(&shared.metrics),
             pause: Arc::clone(&shared.pause),
             msr_list: Arc::clone(&shared.msr_list),
+            seccomp: shared.seccomp.clone(),
         };
         let handle = std::thread::Builder::new()
             .name(format!("vcpu{i}"))
@@ -771,6 +778,19 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         layout::BOOT_TIMER_ADDR,
         layout::BOOT_TIMER_SIZE,
     )?;
+    // Before any device worker starts (a restore starts them on this thread).
+    let (seccomp, _seccomp_context) = match config.seccomp {
+        SeccompMode::Enforce => {
+            let filters = Filters::new()?;
+            let spawner = Spawner::start(Arc::clone(&filters))?;
+            let guard = crate::seccomp::enter(Arc::clone(&filters), None);
+            (Some((filters, spawner)), Some(guard))
+        }
+        SeccompMode::Off => {
+            tracing::warn!("--seccomp off: vCPU and device threads run without filters");
+            (None, None)
+        }
+    };
     let mut slots = Vec::with_capacity(devices.len());
     let mut transports = Vec::with_capacity(devices.len());
     for (i, planned) in devices.into_iter().enumerate() {
@@ -853,6 +873,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         metrics: Arc::clone(&metrics),
         pause: Arc::clone(&pause),
         msr_list: Arc::new(msr_list),
+        seccomp,
     };
     // --- guest profiler (vmm/src/profile): before the vCPU threads, which attach to it;
     // it writes its files when dropped at the end of this function.
@@ -988,6 +1009,7 @@ mod tests {
             metrics,
             pause: Arc::new(PauseControl::new()),
             msr_list: Arc::new(Vec::new()),
+            seccomp: None,
         };
         spawn_vcpus(vcpus, &mem, &shared).unwrap();
         let deadline = Instant::now() + Duration::from_secs(20);
@@ -1029,6 +1051,7 @@ mod tests {
             metrics: Arc::new(Metrics::new(Instant::now(), None).unwrap()),
             pause: Arc::new(PauseControl::new()),
             msr_list: Arc::new(Vec::new()),
+            seccomp: None,
         };
         let handles = spawn_vcpus(vcpus, &mem, &shared).unwrap();
         std::thread::sleep(Duration::from_millis(200));

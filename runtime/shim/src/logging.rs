@@ -2,6 +2,7 @@
 //! directory), which containerd copies into its own log. Run by hand (no FIFO), to stderr.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Mutex;
 
@@ -20,7 +21,13 @@ pub fn init(debug: bool) {
         .with_ansi(false)
         .with_target(false);
     match open_log_fifo() {
-        Some(fifo) => builder.with_writer(Mutex::new(fifo)).init(),
+        Some(fifo) => {
+            // What bypasses tracing (a panic message, the VMM's seccomp trap report, see
+            // husk_vmm::seccomp::sigsys) goes to fd 2: let it reach containerd's log too.
+            // SAFETY: dup2 onto fd 2 of an fd this function owns.
+            unsafe { libc::dup2(fifo.as_raw_fd(), libc::STDERR_FILENO) };
+            builder.with_writer(Mutex::new(fifo)).init()
+        }
         None => builder.with_writer(std::io::stderr).init(),
     }
 }

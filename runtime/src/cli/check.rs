@@ -82,6 +82,25 @@ pub fn check() -> Result<i32> {
             None => r.warn("virtiofsd", "not found (only needed for rootfs_mode = \"virtiofs\")"),
         }
     }
+    if let Some(c) = &config {
+        match (c.vmm_seccomp, husk_vmm::seccomp::probe()) {
+            (husk_vmm::seccomp::SeccompMode::Enforce, Ok(())) => r.ok(
+                "VMM confinement",
+                "seccomp filters on every vCPU and device thread (vmm_seccomp = \"enforce\"); \
+                 the VMM is a thread of the root monitor or shim, without namespaces of its own \
+                 (docs/security.md)",
+            ),
+            (husk_vmm::seccomp::SeccompMode::Enforce, Err(e)) => r.fail(
+                "VMM confinement",
+                &e.to_string(),
+                "use a kernel with CONFIG_SECCOMP_FILTER, or set vmm_seccomp = \"off\" (unconfined)",
+            ),
+            (husk_vmm::seccomp::SeccompMode::Off, _) => r.warn(
+                "VMM confinement",
+                "none: vmm_seccomp = \"off\", vCPU and device threads run unfiltered as root",
+            ),
+        }
+    }
     match which("mkfs.ext4") {
         true => r.ok("mkfs.ext4", "found (rootfs_mode = \"block\")"),
         false => r.fail("mkfs.ext4", "not found", "apt-get install e2fsprogs"),

@@ -35,6 +35,9 @@ pub struct VcpuContext {
     pub pause: Arc<pause::PauseControl>,
     /// The MSRs a snapshot saves (KVM's index list, read once per VM).
     pub msr_list: Arc<Vec<u32>>,
+    /// Under `--seccomp enforce`: this thread's filters and the spawner its devices'
+    /// workers start through (crate::seccomp).
+    pub seccomp: Option<(Arc<crate::seccomp::Filters>, crate::seccomp::Spawner)>,
 }
 
 /// What to do after one exit (decided while KVM's run structure is borrowed).
@@ -54,6 +57,22 @@ pub fn run(mut vcpu: VcpuFd, ctx: VcpuContext) {
     kick::register(&mut vcpu);
     // `None` unless the VM runs with --profile; without it, profiling costs one check per exit.
     let profile = crate::profile::attach(ctx.index, &mut vcpu);
+    // Before the first guest entry: everything from here on handles guest input.
+    let _seccomp_context = match &ctx.seccomp {
+        Some((filters, spawner)) => {
+            if let Err(e) = filters.confine_current(crate::seccomp::ThreadKind::Vcpu) {
+                kick::unregister();
+                ctx.stop
+                    .request(StopReason::VmmError(format!("vCPU {}: {e}", ctx.index)));
+                return;
+            }
+            Some(crate::seccomp::enter(
+                Arc::clone(filters),
+                Some(spawner.clone()),
+            ))
+        }
+        None => None,
+    };
     if ctx.index == 0 {
         ctx.metrics.vcpu_first_entry();
     }

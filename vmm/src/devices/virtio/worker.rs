@@ -44,11 +44,10 @@ impl<T: Send + 'static> Worker<T> {
         let kill = EventFd::new(EFD_NONBLOCK)?;
         let theirs = kill.try_clone()?;
         let (tx, done) = mpsc::sync_channel(1);
-        let thread = std::thread::Builder::new()
-            .name(name.to_string())
-            .spawn(move || {
-                let _ = tx.send(body(theirs));
-            })?;
+        // Confined as a device worker when the VM runs under seccomp (crate::seccomp).
+        let thread = crate::seccomp::spawn_worker(name, move || {
+            let _ = tx.send(body(theirs));
+        })?;
         Ok(Self {
             name: name.to_string(),
             kill,
