@@ -13,8 +13,10 @@ export HUSK_KERNEL HUSK_INITRAMFS
 # CI runs the short version of the long tests; HUSK_NIGHTLY=1 runs the long one.
 if [ "${HUSK_NIGHTLY:-0}" = 1 ]; then
     export HUSK_LEAK_CYCLES="${HUSK_LEAK_CYCLES:-50}"
+    export HUSK_STDIO_LINES="${HUSK_STDIO_LINES:-12500000}" # 101 MB through husk run
 else
     export HUSK_LEAK_CYCLES="${HUSK_LEAK_CYCLES:-10}"
+    export HUSK_STDIO_LINES="${HUSK_STDIO_LINES:-500000}" # 3.4 MB
 fi
 
 cargo fmt --all --check
