@@ -53,9 +53,22 @@ pub struct ContainerdOptions<'a> {
 
 /// A running containerd; stopped (SIGTERM, then SIGKILL) and its folder removed on drop.
 pub struct Containerd {
-    child: Child,
+    /// Replaced by [`Containerd::restart`].
+    child: std::sync::Mutex<Child>,
     dir: tempfile::TempDir,
     namespace: &'static str,
+    /// How to start it (again, for a restart).
+    launch: Launch,
+    /// With `own_netns`: that namespace, held so that a restarted containerd joins it
+    /// (pods' network namespaces and CNI state live on).
+    netns: Option<std::fs::File>,
+}
+
+/// containerd's command line and environment.
+struct Launch {
+    path: std::ffi::OsString,
+    env: Vec<(String, PathBuf)>,
+    own_netns: bool,
 }
 
 impl Containerd {
@@ -98,8 +111,60 @@ impl Containerd {
         if let Some(p) = std::env::var_os("PATH") {
             paths.extend(std::env::split_paths(&p));
         }
-        let log = std::fs::File::create(d.join("containerd.log")).context("containerd.log")?;
-        let mut cmd = if options.own_netns {
+        let launch = Launch {
+            path: std::env::join_paths(paths).context("PATH")?,
+            env: options
+                .env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_path_buf()))
+                .collect(),
+            own_netns: options.own_netns,
+        };
+        let child = launch.spawn(d, None).context("starting containerd")?;
+        let mut c = Self {
+            child: std::sync::Mutex::new(child),
+            dir,
+            namespace: options.namespace.unwrap_or(NAMESPACE),
+            launch,
+            netns: None,
+        };
+        c.wait_until_answering()?;
+        if c.launch.own_netns {
+            // Answering, so past `unshare`.
+            let ns = format!("/proc/{}/ns/net", c.pid());
+            c.netns = Some(std::fs::File::open(&ns).with_context(|| ns.clone())?);
+        }
+        Ok(c)
+    }
+}
+
+impl Launch {
+    /// Starts the containerd process of the folder `d` (its log is appended to
+    /// containerd.log); with `own_netns`, in a new network namespace, or in `netns` (a
+    /// restart).
+    fn spawn(&self, d: &Path, netns: Option<&std::fs::File>) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(d.join("containerd.log"))
+            .context("containerd.log")?;
+        let mut cmd = if let Some(ns) = netns {
+            use std::os::fd::AsRawFd;
+            use std::os::unix::process::CommandExt;
+            let fd = ns.as_raw_fd();
+            let mut c = Command::new("containerd");
+            // SAFETY: setns is async-signal-safe; fd stays open in the parent until spawn
+            // returns.
+            unsafe {
+                c.pre_exec(move || {
+                    if libc::setns(fd, libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            c
+        } else if self.own_netns {
             // unshare and sh exec in place: the child's pid stays containerd's.
             let mut c = Command::new("unshare");
             c.args([
@@ -116,37 +181,70 @@ impl Containerd {
         };
         cmd.arg("--config")
             .arg(d.join("config.toml"))
-            .env("PATH", std::env::join_paths(paths).context("PATH")?)
+            .env("PATH", &self.path)
             .stdin(Stdio::null())
             .stdout(Stdio::from(log.try_clone()?))
             .stderr(Stdio::from(log));
-        for (k, v) in options.env {
+        for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        let child = cmd.spawn().context("starting containerd")?;
-        let mut c = Self {
-            child,
-            dir,
-            namespace: options.namespace.unwrap_or(NAMESPACE),
-        };
+        Ok(cmd.spawn()?)
+    }
+}
+
+impl Containerd {
+    fn child(&self) -> std::sync::MutexGuard<'_, Child> {
+        self.child.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn wait_until_answering(&self) -> Result<()> {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            if let Some(status) = c.child.try_wait().context("waiting for containerd")? {
-                bail!("containerd exited ({status}): {}", c.log_tail(40));
+            if let Some(status) = self.child().try_wait().context("waiting for containerd")? {
+                bail!("containerd exited ({status}): {}", self.log_tail(40));
             }
-            if c.ctr(&["version"])?.status.success() {
-                return Ok(c);
+            if self.ctr(&["version"])?.status.success() {
+                return Ok(());
             }
             if Instant::now() >= deadline {
-                bail!("containerd did not answer within 30 s: {}", c.log_tail(40));
+                bail!(
+                    "containerd did not answer within 30 s: {}",
+                    self.log_tail(40)
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
     }
 
+    /// Stops containerd (SIGTERM, as a service manager restarting it does) and starts it
+    /// again on the same root, state, socket and network namespace; shims and their tasks
+    /// live on.
+    pub fn restart(&self) -> Result<()> {
+        let mut child = self.child();
+        // SAFETY: signalling our own child by its pid.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while child
+            .try_wait()
+            .context("waiting for containerd")?
+            .is_none()
+        {
+            if Instant::now() >= deadline {
+                bail!("containerd did not exit within 20 s of SIGTERM");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        *child = self
+            .launch
+            .spawn(self.dir.path(), self.netns.as_ref())
+            .context("starting containerd again")?;
+        drop(child);
+        self.wait_until_answering()
+    }
+
     /// containerd's pid (its network namespace is `/proc/<pid>/ns/net`).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        self.child().id()
     }
 
     pub fn dir(&self) -> &Path {
@@ -222,7 +320,7 @@ impl Containerd {
     /// Removes every task of the namespace, then stops containerd; its folder stays until
     /// drop. Does nothing once containerd has exited.
     pub fn stop(&mut self) {
-        if !matches!(self.child.try_wait(), Ok(None)) {
+        if !matches!(self.child().try_wait(), Ok(None)) {
             return;
         }
         // Shims outlive containerd by design: remove every task first (a failed test may
@@ -232,18 +330,19 @@ impl Containerd {
                 let _ = self.ctr(&["tasks", "delete", "--force", id]);
             }
         }
-        if let Ok(None) = self.child.try_wait() {
+        let mut child = self.child();
+        if let Ok(None) = child.try_wait() {
             // SAFETY: signalling our own child by its pid.
-            unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
             let deadline = Instant::now() + Duration::from_secs(10);
             while Instant::now() < deadline {
-                if let Ok(Some(_)) = self.child.try_wait() {
+                if let Ok(Some(_)) = child.try_wait() {
                     return;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
+            let _ = child.kill();
+            let _ = child.wait();
         }
     }
 }

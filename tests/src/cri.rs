@@ -551,6 +551,23 @@ impl CriHarness {
         &self.cri
     }
 
+    /// Restarts containerd (see [`Containerd::restart`]) and waits for its CRI plugin; the
+    /// client reconnects on its next call.
+    pub fn restart_containerd(&self) -> Result<()> {
+        self.containerd().restart()?;
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.cri.version() {
+                Ok(_) => return Ok(()),
+                Err(e) if std::time::Instant::now() >= deadline => bail!(
+                    "the CRI plugin did not answer within 60 s of the restart ({e:#}): {}",
+                    self.log_tail(40)
+                ),
+                Err(_) => std::thread::sleep(Duration::from_millis(200)),
+            }
+        }
+    }
+
     pub fn network(&self) -> &CniNetwork {
         &self.network
     }

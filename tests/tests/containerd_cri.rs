@@ -463,6 +463,41 @@ fn cri_pods_run_in_husk_vms() {
         steps.done("both pods restored from the template pod 1 built");
     }
 
+    // containerd restarts under two running pods (a service manager's restart): the
+    // shims and VMs live on; listing, status and ExecSync work through the new
+    // containerd, and everything below (kill, stop, remove, nothing left) runs after it.
+    h.restart_containerd()
+        .unwrap_or_else(|e| fail("restarting containerd", &format!("{e:#}")));
+    let pods = h
+        .cri()
+        .list_pod_sandboxes()
+        .unwrap_or_else(|e| fail("ListPodSandbox after the restart", &format!("{e:#}")));
+    let ready = pods
+        .iter()
+        .filter(|p| p.state == k8s_cri::v1::PodSandboxState::SandboxReady as i32)
+        .count();
+    check(
+        ready == 2,
+        "pods after the containerd restart",
+        format!("{ready} ready of {pods:?}"),
+    );
+    let status = h
+        .cri()
+        .container_status(&sleeper)
+        .unwrap_or_else(|e| fail("ContainerStatus after the restart", &format!("{e:#}")));
+    check(
+        status.state == ContainerState::ContainerRunning as i32,
+        "the sleeper after the containerd restart",
+        format!("state {}", status.state),
+    );
+    let echoed = exec_out(&sleeper, &["echo", "after-restart"]);
+    check(
+        echoed == "after-restart\n",
+        "ExecSync after the containerd restart",
+        format!("{echoed:?}"),
+    );
+    steps.done("containerd restarted: pods listed, sleeper running, ExecSync");
+
     // The leftover checks used at the end see what running pods hold.
     let live = h.leftovers(shim_name);
     // runc puts each container in a cgroup below the pod's parent; the husk shim moves

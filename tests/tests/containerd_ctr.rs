@@ -530,17 +530,94 @@ fn ctr_runs_containers_in_husk_vms() {
         fail("ctr containers delete k1", &text(&out.stderr));
     }
 
+    // 4. containerd restarts under a running task (a service manager's restart): the shim
+    // and its VM live on, and exec, kill and delete work through the new containerd.
+    let out = ctrd
+        .ctr_timeout(
+            RUN_TIMEOUT,
+            &[
+                "run",
+                "-d",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "r1",
+                "sh",
+                "-c",
+                "sleep 1000",
+            ],
+        )
+        .expect("ctr run -d");
+    if !out.status.success() {
+        fail("ctr run -d r1", &text(&out.stderr));
+    }
+    let before = shims_of("r1");
+    ctrd.restart()
+        .unwrap_or_else(|e| fail("restarting containerd", &format!("{e:#}")));
+    check_true(
+        before.len() == 1 && shims_of("r1") == before,
+        "the shim of r1 across the containerd restart",
+        &format!("before {before:?}, after {:?}", shims_of("r1")),
+    );
+    let out = ctrd
+        .ctr_timeout(
+            RUN_TIMEOUT,
+            &[
+                "task",
+                "exec",
+                "--exec-id",
+                "after",
+                "r1",
+                "sh",
+                "-c",
+                "echo after-restart",
+            ],
+        )
+        .expect("ctr task exec after the restart");
+    check_true(
+        out.status.success() && text(&out.stdout).trim() == "after-restart",
+        "ctr task exec after the containerd restart",
+        &format!(
+            "{}; stdout {:?}, stderr {:?}",
+            out.status,
+            text(&out.stdout),
+            text(&out.stderr)
+        ),
+    );
+    ctr_ok(&["task", "kill", "-s", "KILL", "r1"]);
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !ctr_ok(&["task", "ls"])
+        .lines()
+        .any(|l| l.starts_with("r1 ") && l.contains("STOPPED"))
+    {
+        if Instant::now() >= deadline {
+            fail(
+                "after ctr task kill r1",
+                "not STOPPED within 180 s of the restart's kill",
+            );
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    ctr_ok(&["task", "delete", "r1"]);
+    ctr_ok(&["containers", "delete", "r1"]);
+    eprintln!("containerd restart: shim {before:?} kept its task; exec, kill, delete after it");
+
     // Nothing left behind: the shims exit after Shutdown, the rootfs mounts are gone.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while !(shims_of("d1").is_empty() && shims_of("rm1").is_empty() && shims_of("k1").is_empty()) {
+    while !(shims_of("d1").is_empty()
+        && shims_of("rm1").is_empty()
+        && shims_of("k1").is_empty()
+        && shims_of("r1").is_empty())
+    {
         if Instant::now() >= deadline {
             fail(
                 "shims still running 30 s after delete",
                 &format!(
-                    "d1 {:?}, rm1 {:?}, k1 {:?}",
+                    "d1 {:?}, rm1 {:?}, k1 {:?}, r1 {:?}",
                     shims_of("d1"),
                     shims_of("rm1"),
-                    shims_of("k1")
+                    shims_of("k1"),
+                    shims_of("r1")
                 ),
             );
         }

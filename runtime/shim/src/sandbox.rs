@@ -329,7 +329,38 @@ pub fn run_vm(config: &husk_vmm::config::VmConfig, virtiofsd: Option<Virtiofsd>)
     reason
 }
 
+/// Waits (bounded) until no process holds the flock virtiofsd keeps on `<socket>.pid`: after
+/// a template build the previous virtiofsd's sandboxed child, which shares that lock, can
+/// outlive its killed parent for a moment, and a new virtiofsd on the same socket then
+/// fails with EAGAIN.
+fn wait_for_pid_file_unlocked(socket: &Path, timeout: Duration) {
+    use std::os::fd::AsRawFd;
+    let mut pid_file = socket.as_os_str().to_owned();
+    pid_file.push(".pid");
+    let Ok(file) = File::open(&pid_file) else {
+        return; // none yet, nothing holds it
+    };
+    let deadline = Instant::now() + timeout;
+    loop {
+        // SAFETY: flock on an fd this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            // SAFETY: as above; closing the file would release it as well.
+            unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_UN) };
+            return;
+        }
+        if Instant::now() >= deadline {
+            tracing::warn!(
+                "{} is still locked by another virtiofsd after {timeout:?}",
+                Path::new(&pid_file).display()
+            );
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
 fn spawn_virtiofsd(spec: &Virtiofsd) -> Result<Child> {
+    wait_for_pid_file_unlocked(&spec.socket, Duration::from_secs(5));
     let _ = std::fs::remove_file(&spec.socket);
     let log =
         File::create(&spec.log).with_context(|| format!("creating {}", spec.log.display()))?;
@@ -385,4 +416,39 @@ fn spawn_virtiofsd(spec: &Virtiofsd) -> Result<Child> {
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(child)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn a_new_virtiofsd_waits_for_the_old_ones_pid_file_lock() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("fs.sock");
+        let held = File::create(dir.path().join("fs.sock.pid")).unwrap();
+        // SAFETY: flock on a file this test owns.
+        assert_eq!(
+            unsafe { libc::flock(held.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+            0
+        );
+        let released = Arc::new(AtomicBool::new(false));
+        let r = Arc::clone(&released);
+        let holder = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(100));
+            r.store(true, Ordering::SeqCst);
+            drop(held); // the old virtiofsd's last holder exits
+        });
+        wait_for_pid_file_unlocked(&socket, Duration::from_secs(10));
+        assert!(
+            released.load(Ordering::SeqCst),
+            "returned while still locked"
+        );
+        holder.join().unwrap();
+        // No pid file at all: nothing to wait for.
+        wait_for_pid_file_unlocked(&dir.path().join("other.sock"), Duration::from_secs(10));
+    }
 }
