@@ -530,6 +530,76 @@ fn ctr_runs_containers_in_husk_vms() {
         fail("ctr containers delete k1", &text(&out.stderr));
     }
 
+    // 3b. The shim is killed while its VM boots (after the shared folder is mounted and the
+    // VMM started): containerd's cleanup leaves no run folder and no mount of it.
+    let (b1_shim, b1_run) = std::thread::scope(|s| {
+        let run = s.spawn(|| {
+            ctrd.ctr_timeout(
+                RUN_TIMEOUT,
+                &[
+                    "run",
+                    "-d",
+                    "--runtime",
+                    RUNTIME,
+                    IMAGE,
+                    "b1",
+                    "sh",
+                    "-c",
+                    "sleep 1000",
+                ],
+            )
+        });
+        let deadline = Instant::now() + Duration::from_secs(120);
+        let booting = loop {
+            if let [pid] = shims_of("b1")[..] {
+                let dir = Path::new("/run/husk-shim").join(pid.to_string());
+                if dir.join("vm.sock").exists() {
+                    break Some((pid, dir));
+                }
+            }
+            if Instant::now() >= deadline || run.is_finished() {
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let Some((pid, dir)) = booting else {
+            let out = run.join();
+            fail(
+                "the shim of b1 during its boot",
+                &format!("no shim with a started VMM within 120 s; ctr run: {out:?}"),
+            );
+        };
+        // SAFETY: SIGKILL to the shim process found above.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        let out = run.join().expect("ctr run thread").expect("ctr run -d b1");
+        check_true(
+            !out.status.success(),
+            "ctr run of b1 whose shim was killed",
+            &format!("succeeded: {}", text(&out.stdout)),
+        );
+        (pid, dir)
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while b1_run.exists() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let left = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.contains(&*b1_run.to_string_lossy()))
+        .count();
+    check_true(
+        !b1_run.exists() && left == 0,
+        "cleanup after the shim of b1 was killed during the boot",
+        &format!(
+            "{} exists: {}, {left} mounts under it",
+            b1_run.display(),
+            b1_run.exists()
+        ),
+    );
+    let _ = ctrd.ctr(&["containers", "delete", "b1"]);
+    eprintln!("shim {b1_shim} killed during its VM's boot: run folder and mounts cleaned up");
+
     // 4. containerd restarts under a running task (a service manager's restart): the shim
     // and its VM live on, and exec, kill and delete work through the new containerd.
     let out = ctrd
@@ -607,6 +677,7 @@ fn ctr_runs_containers_in_husk_vms() {
     while !(shims_of("d1").is_empty()
         && shims_of("rm1").is_empty()
         && shims_of("k1").is_empty()
+        && shims_of("b1").is_empty()
         && shims_of("r1").is_empty())
     {
         if Instant::now() >= deadline {

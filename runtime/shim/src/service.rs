@@ -269,6 +269,14 @@ impl Inner {
             std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o700))
                 .map_err(|e| anyhow::anyhow!("making {} private: {e}", run_dir.display()))?;
         }
+        // Before anything is mounted or started in it: if this shim dies during the boot,
+        // containerd's `delete` finds the run folder (and the shared folder's mount) through
+        // this marker. Written only once the VM answered, a killed boot leaked both.
+        std::fs::write(
+            b.dir.join(RUN_DIR_FILE),
+            run_dir.as_os_str().as_encoded_bytes(),
+        )
+        .map_err(|e| anyhow::anyhow!("writing {RUN_DIR_FILE} in the bundle: {e}"))?;
         let mut shared = None;
         let mut cgroup = None;
         let mut network = None;
