@@ -214,6 +214,29 @@ pub struct Template {
     pub manifest: Manifest,
 }
 
+impl Template {
+    /// Makes a VM just restored from this template unique (host entropy, host clock:
+    /// AgentClient::restored_from_host) before anything else runs in it, and logs the
+    /// restore with the time since `started`.
+    pub async fn make_restored_vm_unique(
+        &self,
+        client: &husk_protocol::client::AgentClient,
+        started: std::time::Instant,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context;
+        client
+            .restored_from_host()
+            .await
+            .context("making the restored VM unique (Restored: reseed and set the clock)")?;
+        tracing::info!(
+            template = self.manifest.key,
+            ms = started.elapsed().as_millis() as u64,
+            "VM restored from its template"
+        );
+        Ok(())
+    }
+}
+
 /// The outcome of looking up a VM's template.
 #[derive(Debug)]
 pub enum Lookup {

@@ -476,7 +476,7 @@ impl CriHarness {
             namespace: Some(CRI_NAMESPACE),
         })?;
         let cri = Cri::connect(&containerd.socket())?;
-        let mut harness = Self {
+        let harness = Self {
             cri,
             containerd: Some(containerd),
             network,
@@ -487,7 +487,7 @@ impl CriHarness {
             host_taps,
             cgroup_base: cgroup_base_entries(),
         };
-        harness.wait_for_cri()?;
+        harness.wait_for_cri(Duration::from_secs(30), "")?;
         harness.import_images(rootfs)?;
         Ok(harness)
     }
@@ -498,14 +498,14 @@ impl CriHarness {
     }
 
     /// The CRI plugin starts after containerd's API answers; its socket is the same.
-    fn wait_for_cri(&mut self) -> Result<()> {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    fn wait_for_cri(&self, timeout: Duration, after: &str) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
         loop {
             match self.cri.version() {
                 Ok(_) => return Ok(()),
                 Err(e) if std::time::Instant::now() >= deadline => {
                     bail!(
-                        "the CRI plugin did not answer within 30 s ({e:#}): {}",
+                        "the CRI plugin did not answer within {timeout:?}{after} ({e:#}): {}",
                         self.log_tail(40)
                     )
                 }
@@ -555,17 +555,7 @@ impl CriHarness {
     /// client reconnects on its next call.
     pub fn restart_containerd(&self) -> Result<()> {
         self.containerd().restart()?;
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            match self.cri.version() {
-                Ok(_) => return Ok(()),
-                Err(e) if std::time::Instant::now() >= deadline => bail!(
-                    "the CRI plugin did not answer within 60 s of the restart ({e:#}): {}",
-                    self.log_tail(40)
-                ),
-                Err(_) => std::thread::sleep(Duration::from_millis(200)),
-            }
-        }
+        self.wait_for_cri(Duration::from_secs(60), " of the restart")
     }
 
     pub fn network(&self) -> &CniNetwork {

@@ -320,6 +320,26 @@ fn ctr_runs_containers_in_husk_vms() {
             .unwrap_or_default()
             .to_owned()
     };
+    // After `ctr task kill -s KILL ID`: the task must show STOPPED within 180 s.
+    let wait_stopped = |id: &str| {
+        let deadline = Instant::now() + Duration::from_secs(180);
+        loop {
+            let listing = ctr_ok(&["task", "ls"]);
+            if listing
+                .lines()
+                .any(|l| l.starts_with(&format!("{id} ")) && l.contains("STOPPED"))
+            {
+                return;
+            }
+            if Instant::now() >= deadline {
+                fail(
+                    &format!("after ctr task kill -s KILL {id}"),
+                    &format!("task not stopped within 180 s: {listing}"),
+                );
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    };
     let ps = ctr_ok(&["task", "ps", "d1"]);
     let pids: Vec<u32> = ps
         .lines()
@@ -361,26 +381,7 @@ fn ctr_runs_containers_in_husk_vms() {
     if !out.status.success() {
         fail("ctr task kill", &text(&out.stderr));
     }
-    let deadline = Instant::now() + Duration::from_secs(180);
-    loop {
-        let out = ctrd.ctr(&["task", "ls"]).expect("ctr task ls");
-        let listing = text(&out.stdout);
-        let d1 = listing
-            .lines()
-            .find(|l| l.starts_with("d1 "))
-            .unwrap_or_default()
-            .to_owned();
-        if d1.contains("STOPPED") {
-            break;
-        }
-        if Instant::now() >= deadline {
-            fail(
-                "after ctr task kill -s KILL",
-                &format!("task not stopped within 180 s: {listing}"),
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_stopped("d1");
     let out = ctrd
         .ctr(&["task", "delete", "d1"])
         .expect("ctr task delete");
@@ -456,10 +457,9 @@ fn ctr_runs_containers_in_husk_vms() {
     );
     eprintln!("task events of d1: {labels:?}");
 
-    // 3. The shim of a running container is killed: containerd runs the shim's `delete`,
-    // which cleans up; the VM died with the shim.
-    let out = ctrd
-        .ctr_timeout(
+    // `ctr run -d ID sh -c "sleep 1000"` in a husk VM.
+    let run_sleeper = |id: &str| {
+        ctrd.ctr_timeout(
             RUN_TIMEOUT,
             &[
                 "run",
@@ -467,13 +467,17 @@ fn ctr_runs_containers_in_husk_vms() {
                 "--runtime",
                 RUNTIME,
                 IMAGE,
-                "k1",
+                id,
                 "sh",
                 "-c",
                 "sleep 1000",
             ],
         )
-        .expect("ctr run -d");
+        .expect("ctr run -d")
+    };
+    // 3. The shim of a running container is killed: containerd runs the shim's `delete`,
+    // which cleans up; the VM died with the shim.
+    let out = run_sleeper("k1");
     if !out.status.success() {
         fail("ctr run -d k1", &text(&out.stderr));
     }
@@ -533,22 +537,7 @@ fn ctr_runs_containers_in_husk_vms() {
     // 3b. The shim is killed while its VM boots (after the shared folder is mounted and the
     // VMM started): containerd's cleanup leaves no run folder and no mount of it.
     let (b1_shim, b1_run) = std::thread::scope(|s| {
-        let run = s.spawn(|| {
-            ctrd.ctr_timeout(
-                RUN_TIMEOUT,
-                &[
-                    "run",
-                    "-d",
-                    "--runtime",
-                    RUNTIME,
-                    IMAGE,
-                    "b1",
-                    "sh",
-                    "-c",
-                    "sleep 1000",
-                ],
-            )
-        });
+        let run = s.spawn(|| run_sleeper("b1"));
         let deadline = Instant::now() + Duration::from_secs(120);
         let booting = loop {
             if let [pid] = shims_of("b1")[..] {
@@ -571,7 +560,7 @@ fn ctr_runs_containers_in_husk_vms() {
         };
         // SAFETY: SIGKILL to the shim process found above.
         unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        let out = run.join().expect("ctr run thread").expect("ctr run -d b1");
+        let out = run.join().expect("ctr run thread");
         check_true(
             !out.status.success(),
             "ctr run of b1 whose shim was killed",
@@ -602,22 +591,7 @@ fn ctr_runs_containers_in_husk_vms() {
 
     // 4. containerd restarts under a running task (a service manager's restart): the shim
     // and its VM live on, and exec, kill and delete work through the new containerd.
-    let out = ctrd
-        .ctr_timeout(
-            RUN_TIMEOUT,
-            &[
-                "run",
-                "-d",
-                "--runtime",
-                RUNTIME,
-                IMAGE,
-                "r1",
-                "sh",
-                "-c",
-                "sleep 1000",
-            ],
-        )
-        .expect("ctr run -d");
+    let out = run_sleeper("r1");
     if !out.status.success() {
         fail("ctr run -d r1", &text(&out.stderr));
     }
@@ -655,19 +629,7 @@ fn ctr_runs_containers_in_husk_vms() {
         ),
     );
     ctr_ok(&["task", "kill", "-s", "KILL", "r1"]);
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !ctr_ok(&["task", "ls"])
-        .lines()
-        .any(|l| l.starts_with("r1 ") && l.contains("STOPPED"))
-    {
-        if Instant::now() >= deadline {
-            fail(
-                "after ctr task kill r1",
-                "not STOPPED within 180 s of the restart's kill",
-            );
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
+    wait_stopped("r1");
     ctr_ok(&["task", "delete", "r1"]);
     ctr_ok(&["containers", "delete", "r1"]);
     eprintln!("containerd restart: shim {before:?} kept its task; exec, kill, delete after it");

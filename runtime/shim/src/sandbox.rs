@@ -161,16 +161,7 @@ impl Sandbox {
         // WaitProcess and GetOOMEvent have no deadline; DestroySandbox has its own.
         let client = client.with_rpc_timeout(boot_timeout);
         if let Some(t) = &template {
-            // Before anything else runs in it.
-            client
-                .restored_from_host()
-                .await
-                .context("making the restored VM unique (Restored: reseed and set the clock)")?;
-            tracing::info!(
-                template = t.manifest.key,
-                ms = started.elapsed().as_millis() as u64,
-                "VM restored from its template"
-            );
+            t.make_restored_vm_unique(&client, started).await?;
         }
         let sandbox = Self {
             client,

@@ -195,16 +195,7 @@ impl Monitor {
             // a loaded host): the boot timeout bounds the set-up calls too.
             let client = client.with_rpc_timeout(Duration::from_secs(config.boot_timeout_secs));
             if let Some(t) = &template {
-                // Before anything else runs in it.
-                client
-                    .restored_from_host()
-                    .await
-                    .context("making the restored VM unique (Restored: reseed and set the clock)")?;
-                tracing::info!(
-                    template = t.manifest.key,
-                    ms = started.elapsed().as_millis() as u64,
-                    "VM restored from its template"
-                );
+                t.make_restored_vm_unique(&client, started).await?;
             }
             anyhow::Ok((client, vmm_done))
         })?;

@@ -30,25 +30,15 @@ impl Spawner {
     /// Starts the spawner thread; it confines itself before taking requests.
     pub fn start(filters: Arc<Filters>) -> Result<Self, super::SeccompError> {
         let (requests, incoming) = sync_channel::<Request>(0);
-        let (ready_tx, ready) = sync_channel(1);
-        std::thread::Builder::new()
-            .name("vmm-spawner".into())
-            .spawn(move || {
-                let confined = filters.confine_current(ThreadKind::Spawner);
-                let ok = confined.is_ok();
-                let _ = ready_tx.send(confined);
-                if ok {
-                    serve(&filters, incoming);
-                }
-            })
-            .map_err(super::SeccompError::Spawner)?;
-        match ready.recv() {
-            Ok(Ok(())) => Ok(Self { requests }),
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(super::SeccompError::Spawner(io::Error::other(
-                "it ended before confining itself",
-            ))),
-        }
+        let theirs = Arc::clone(&filters);
+        start_confined(
+            "vmm-spawner",
+            filters,
+            ThreadKind::Spawner,
+            Box::new(move || serve(&theirs, incoming)),
+        )
+        .map_err(super::SeccompError::Spawner)?;
+        Ok(Self { requests })
     }
 
     /// Starts a confined device worker running `body` and returns once it is confined.
