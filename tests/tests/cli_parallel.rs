@@ -1,10 +1,8 @@
-//! Parallel load through the CLI: `HUSK_PARALLEL` (default 4) concurrent `husk run`, each
+//! Parallel load through the CLI: `HUSK_PARALLEL` (default 8) concurrent `husk run`, each
 //! its own VM restored from one template (cold boots would take minutes on a two-core
-//! nested host), all succeed with their own output and leave nothing behind; (8 at once on
-//! such a host exceed the agent's 60 s container set-up bound: eight emulated guest kernels
-//! share two cores); a second container with the
-//! id of a running one is refused and the first keeps running. One VM boot (the
-//! template); skips without KVM, the guest image or virtiofsd.
+//! nested host), all succeed with their own output and leave nothing behind; a second
+//! container with the id of a running one is refused and the first keeps running. One VM
+//! boot (the template); skips without KVM, the guest image or virtiofsd.
 
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -15,7 +13,7 @@ fn parallel() -> usize {
     std::env::var("HUSK_PARALLEL")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(4)
+        .unwrap_or(8)
 }
 
 #[test]

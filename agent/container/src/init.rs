@@ -45,8 +45,11 @@ use crate::rootfs::RootfsPlan;
 use crate::seccomp::BpfProgram;
 use crate::sync::{Channel, Msg};
 
-/// How long the agent waits for a container process to finish its setup.
-pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the agent waits for a container process to finish its setup. Only a stuck
+/// child hits it (a dead one closes the channel at once), and the host's RPC deadline
+/// bounds the call anyway; so it is generous: eight guests sharing two emulated cores
+/// took over 60 s for a plain set-up.
+pub(crate) const SETUP_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// The standard streams of a container process.
 #[derive(Debug)]
