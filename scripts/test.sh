@@ -14,6 +14,7 @@ export HUSK_KERNEL HUSK_INITRAMFS
 if [ "${HUSK_NIGHTLY:-0}" = 1 ]; then
     export HUSK_LEAK_CYCLES="${HUSK_LEAK_CYCLES:-50}"
     export HUSK_STDIO_LINES="${HUSK_STDIO_LINES:-12500000}" # 101 MB through husk run
+    export HUSK_FAULT_ROUNDS="${HUSK_FAULT_ROUNDS:-24}" # kill -9 rounds, CLI and containerd each
 else
     export HUSK_LEAK_CYCLES="${HUSK_LEAK_CYCLES:-10}"
     export HUSK_STDIO_LINES="${HUSK_STDIO_LINES:-500000}" # 3.4 MB

@@ -85,6 +85,36 @@ impl ProcessIdentity {
     }
 }
 
+/// Resolves when child `pid` of this process has exited, with how it ended, without reaping
+/// it (its `std::process::Child` still collects the status, so the pid cannot be reused
+/// meanwhile). A pidfd becomes readable when the process ends; `waitid(WNOWAIT)` then
+/// reads the status and leaves the zombie.
+pub async fn child_exited(pid: i32) -> std::io::Result<String> {
+    use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid};
+    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+
+    // SAFETY: pidfd_open(2) takes a pid and flags and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if raw < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the fd was just returned to us and is owned by nothing else.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    // SAFETY: the AsyncFd owns the OwnedFd, which stays open and the same until it drops.
+    let watched = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(pidfd, tokio::io::Interest::READABLE)
+    }
+    .map_err(std::io::Error::from)?;
+    let _ready = watched.readable().await?;
+    let flags = WaitPidFlag::WEXITED | WaitPidFlag::WNOWAIT | WaitPidFlag::WNOHANG;
+    Ok(match waitid(Id::PIDFd(watched.get_ref().as_fd()), flags) {
+        Ok(WaitStatus::Exited(_, code)) => format!("exited with status {code}"),
+        Ok(WaitStatus::Signaled(_, sig, _)) => format!("was killed by {sig}"),
+        Ok(other) => format!("ended ({other:?})"),
+        Err(e) => format!("ended (its status is unreadable: {e})"),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -119,5 +149,33 @@ mod tests {
         if let Some(id) = id {
             assert!(!id.is_alive());
         }
+    }
+
+    #[test]
+    fn child_exited_reports_a_kill_and_leaves_the_status_to_the_child_handle() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("100")
+            .spawn()
+            .unwrap();
+        let pid = child.id() as i32;
+        let watch = rt.block_on(async {
+            let watch = tokio::spawn(child_exited(pid));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(!watch.is_finished(), "sleep still runs");
+            kill(Pid::from_raw(pid), Signal::SIGKILL).unwrap();
+            tokio::time::timeout(Duration::from_secs(5), watch).await
+        });
+        let how = watch.expect("the exit was seen").unwrap().unwrap();
+        assert_eq!(how, "was killed by SIGKILL");
+        // Not reaped by the watch: the Child handle still gets the status.
+        let status = child.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
     }
 }

@@ -14,6 +14,20 @@ use serde_json::json;
 /// The containerd namespace the tests use.
 pub const NAMESPACE: &str = "husk-test";
 
+/// Pids of `shim` processes serving container `id` in ctr namespace `namespace`.
+pub fn shims_of(shim: &str, namespace: &str, id: &str) -> Vec<u32> {
+    use crate::proc_stats::{command_lines, flag_value};
+    command_lines()
+        .into_iter()
+        .filter(|(_, args)| {
+            args.first().is_some_and(|a| a.ends_with(shim))
+                && flag_value(args, "-namespace") == Some(namespace)
+                && flag_value(args, "-id") == Some(id)
+        })
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
 /// `containerd` and `ctr` on PATH, or why not.
 pub fn containerd_missing_reason() -> Option<String> {
     for bin in ["containerd", "ctr"] {
@@ -253,6 +267,17 @@ impl Containerd {
 
     pub fn socket(&self) -> PathBuf {
         self.dir.path().join("containerd.sock")
+    }
+
+    /// `ctr -a SOCKET -n NAMESPACE ARGS`, unbounded, for a caller that spawns it (stdio is
+    /// the caller's to set).
+    pub fn ctr_command(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("-a")
+            .arg(self.socket())
+            .args(["-n", self.namespace])
+            .args(args);
+        c
     }
 
     /// `ctr -a SOCKET -n NAMESPACE ARGS` (the namespace of the options), bounded by `timeout` (coreutils), stdin /dev/null.

@@ -293,6 +293,22 @@ pub fn spec(args: &[&str], pid_namespace: bool) -> Value {
     })
 }
 
+/// Live (non-zombie) processes whose command line contains `needle`, with that line.
+pub fn processes_mentioning(needle: &str) -> Vec<(i64, String)> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+        if cmdline.contains(needle) && pid_alive(pid) {
+            found.push((pid, cmdline));
+        }
+    }
+    found
+}
+
 /// Whether a process with this pid exists (and is not a zombie).
 pub fn pid_alive(pid: i64) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

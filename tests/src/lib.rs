@@ -5,6 +5,7 @@
 pub mod containerd;
 pub mod containerd_events;
 pub mod cri;
+pub mod fault;
 pub mod guest_image;
 pub mod host;
 pub mod husk_cli;

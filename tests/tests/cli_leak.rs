@@ -9,25 +9,9 @@ use std::time::{Duration, Instant};
 
 use husk_tests::GuestImage;
 use husk_tests::host::skip_without_kvm;
-use husk_tests::husk_cli::{Bundle, Husk, pid_alive, spec};
+use husk_tests::husk_cli::{Bundle, Husk, pid_alive, processes_mentioning, spec};
 
 const STEP: Duration = Duration::from_secs(120);
-
-/// Pids of processes whose command line mentions `needle`.
-fn processes_mentioning(needle: &str) -> Vec<(i64, String)> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i64>() else {
-            continue;
-        };
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-        if cmdline.contains(needle) && pid_alive(pid) {
-            found.push((pid, cmdline));
-        }
-    }
-    found
-}
 
 #[test]
 fn cycles_leave_nothing_behind() {

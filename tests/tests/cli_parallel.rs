@@ -4,10 +4,10 @@
 //! container with the id of a running one is refused and the first keeps running. One VM
 //! boot (the template); skips without KVM, the guest image or virtiofsd.
 
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
-use husk_tests::husk_cli::{Bundle, Husk, pid_alive, spec, virtiofs_setup};
+use husk_tests::husk_cli::{Bundle, Husk, pid_alive, processes_mentioning, spec, virtiofs_setup};
 
 fn parallel() -> usize {
     std::env::var("HUSK_PARALLEL")
@@ -63,7 +63,7 @@ fn concurrent_runs_and_a_duplicate_id() {
         .filter(|n| n != "@templates")
         .collect();
     assert!(left.is_empty(), "state left by the runs: {left:?}");
-    let monitors = husk_processes(&husk);
+    let monitors = processes_mentioning(&husk.root().to_string_lossy());
     assert!(monitors.is_empty(), "processes left: {monitors:#?}");
 
     // The same id twice: refused by name, and the first container is untouched.
@@ -92,20 +92,4 @@ fn concurrent_runs_and_a_duplicate_id() {
     assert!(pid_alive(after["pid"].as_i64().unwrap_or(0)));
     let o = husk.output(&["delete", "--force", "dup"]).unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-}
-
-/// Live processes whose command line names this test's state root.
-fn husk_processes(husk: &Husk) -> Vec<String> {
-    let marker = husk.root().to_string_lossy().into_owned();
-    let out = Command::new("ps")
-        .args(["-eo", "pid=,stat=,args="])
-        .output()
-        .unwrap();
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| {
-            l.contains(&marker) && !l.split_whitespace().nth(1).unwrap_or("").starts_with('Z')
-        })
-        .map(str::to_owned)
-        .collect()
 }

@@ -26,6 +26,7 @@ use husk_tests::containerd::{
     Containerd, build_oci_image, containerd_missing_reason, find_on_path,
 };
 use husk_tests::containerd_events::EventLog;
+use husk_tests::cri::mounts_under;
 use husk_tests::host::skip_without_kvm;
 use husk_tests::{BusyboxImage, GuestImage, workspace};
 
@@ -57,30 +58,7 @@ fn virtiofsd_installed() -> bool {
 
 /// Shim processes of container `id` in the test namespace.
 fn shims_of(id: &str) -> Vec<u32> {
-    use husk_tests::proc_stats::{command_lines, flag_value};
-    command_lines()
-        .into_iter()
-        .filter(|(_, args)| {
-            args.first().is_some_and(|a| a.ends_with(SHIM))
-                && flag_value(args, "-namespace") == Some(husk_tests::containerd::NAMESPACE)
-                && flag_value(args, "-id") == Some(id)
-        })
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let prefix = dir.display().to_string();
-    mounts
-        .lines()
-        .filter(|l| {
-            l.split_whitespace()
-                .nth(1)
-                .is_some_and(|m| m.starts_with(&prefix))
-        })
-        .map(str::to_owned)
-        .collect()
+    husk_tests::containerd::shims_of(SHIM, husk_tests::containerd::NAMESPACE, id)
 }
 
 #[test]

@@ -10,6 +10,7 @@
 //! | 0 | the guest shut down or rebooted (i8042 reset with `reboot=k`, KVM system event) |
 //! | 1 | bad configuration or the VM could not be set up (message on stderr) |
 //! | 2 | the guest crashed: triple fault, KVM internal/emulation error, failed entry |
+//! | 3 | a device's host backend went away while the guest ran (virtiofsd exited) |
 //! | 128+N | stopped by signal N (SIGINT 130, SIGTERM 143) |
 
 pub mod api;

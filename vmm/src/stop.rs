@@ -21,6 +21,10 @@ pub enum StopReason {
     Signal(i32),
     /// A snapshot was taken (into the folder named); the VM ends with it.
     Snapshotted(String),
+    /// The host process serving a device (virtiofsd behind virtio-fs) went away while the
+    /// guest ran: the guest's accesses to that device could never complete, so the VM
+    /// ends instead of hanging its workload.
+    BackendGone(String),
 }
 
 impl StopReason {
@@ -30,6 +34,7 @@ impl StopReason {
             StopReason::GuestShutdown(_) | StopReason::Snapshotted(_) => 0,
             StopReason::VmmError(_) => 1,
             StopReason::GuestCrash(_) => 2,
+            StopReason::BackendGone(_) => 3,
             StopReason::Signal(signo) => 128 + signo,
         }
     }
@@ -42,6 +47,7 @@ impl StopReason {
             StopReason::VmmError(s) => format!("vmm_error: {s}"),
             StopReason::Signal(n) => format!("signal {n}"),
             StopReason::Snapshotted(dir) => format!("snapshot taken into {dir}"),
+            StopReason::BackendGone(device) => format!("backend_gone: {device}"),
         }
     }
 }

@@ -444,7 +444,7 @@ struct PlannedDevice {
 
 /// The virtio devices of a configuration, in slot order: vsock, block devices, rng, fs,
 /// net (appended after the others so adding a share or a NIC moves no other device).
-fn virtio_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
+fn virtio_devices(config: &VmConfig, stop: &StopSignal) -> Result<Vec<PlannedDevice>, VmError> {
     let mut devs: Vec<Box<dyn VirtioDevice>> = Vec::new();
     if let Some(v) = &config.vsock {
         let dev = vsock::Vsock::new(v.cid, &v.uds).map_err(|source| VmError::Vsock {
@@ -480,7 +480,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
         return Err(VmError::TooManyDevices(total));
     }
     for f in &config.fs {
-        let dev = fs::Fs::new(&fs::FsConfig {
+        let mut dev = fs::Fs::new(&fs::FsConfig {
             socket: f.socket.clone(),
             tag: f.tag.clone(),
         })
@@ -488,6 +488,7 @@ fn virtio_devices(config: &VmConfig) -> Result<Vec<PlannedDevice>, VmError> {
             tag: f.tag.clone(),
             source,
         })?;
+        dev.stop_vm_when_backend_exits(stop.clone());
         planned.push(PlannedDevice {
             device: Box::new(dev),
             ioeventfd: true,
@@ -689,7 +690,11 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
             source,
         })?;
     }
-    let devices = virtio_devices(config)?;
+    let stop = StopSignal::new().map_err(|source| VmError::Io {
+        what: "creating the stop eventfd",
+        source,
+    })?;
+    let devices = virtio_devices(config, &stop)?;
     let snapshot = match &config.restore {
         Some(dir) => Some(load_snapshot(dir, config, template, devices.len())?),
         None => None,
@@ -745,10 +750,6 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
             .map(|r| [r.as_ptr() as u64, r.len()])
             .collect::<Vec<_>>(),
     }));
-    let stop = StopSignal::new().map_err(|source| VmError::Io {
-        what: "creating the stop eventfd",
-        source,
-    })?;
     let mut pio = Bus::new();
     let mut mmio = Bus::new();
     let serial_irq = irqfd(&vm, layout::SERIAL_IRQ)?;
@@ -1076,7 +1077,7 @@ mod tests {
         ])
         .unwrap();
         let config = cli.into_vm_config().unwrap();
-        let Err(err) = virtio_devices(&config) else {
+        let Err(err) = virtio_devices(&config, &StopSignal::new().unwrap()) else {
             panic!("a missing tap must fail");
         };
         assert!(

@@ -355,7 +355,7 @@ impl ExecSession {
             &self.client,
             &self.agent_id,
             &self.exec_id,
-            None,
+            std::future::pending(),
             self.relay.winsize_fd,
         ));
         let code = match r {

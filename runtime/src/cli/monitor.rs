@@ -184,7 +184,11 @@ impl Monitor {
             .build()
             .context("starting the async runtime")?;
         let target = Target::hybrid_vsock(&vm_socket);
-        let (client, vmm_done) = rt.block_on(async {
+        // The rootfs (or the volumes) live in virtiofsd: when it dies, guest accesses to the
+        // share never complete, so every step below gives up at once instead of waiting out
+        // its RPC deadline.
+        let share_pid = virtiofsd.as_ref().map(|c| c.id() as i32);
+        let (client, vmm_done) = rt.block_on(unless_share_gone(share_pid, async {
             let mut vmm_done = vmm_done;
             let deadline = Instant::now() + Duration::from_secs(config.boot_timeout_secs);
             let client = tokio::select! {
@@ -198,7 +202,7 @@ impl Monitor {
                 t.make_restored_vm_unique(&client, started).await?;
             }
             anyhow::Ok((client, vmm_done))
-        })?;
+        }))?;
 
         // Sandbox, then the container.
         let mut sandbox = CreateSandboxRequest::new();
@@ -218,8 +222,12 @@ impl Monitor {
             sandbox.mounts.push(shm);
         }
         let sandbox_dir = rt
-            .block_on(client.create_sandbox(&sandbox))
-            .context("setting up the sandbox in the VM")?
+            .block_on(unless_share_gone(share_pid, async {
+                client
+                    .create_sandbox(&sandbox)
+                    .await
+                    .context("setting up the sandbox in the VM")
+            }))?
             .sandbox_dir;
         let mut rootfs = Rootfs::new();
         match st.rootfs_mode {
@@ -247,9 +255,12 @@ impl Monitor {
         req.rootfs = Some(rootfs).into();
         req.stdio = Some(ids.clone()).into();
         req.terminal = st.terminal;
-        let created = rt
-            .block_on(client.create_container(&req))
-            .with_context(|| format!("creating {id} in the VM"))?;
+        let created = rt.block_on(unless_share_gone(share_pid, async {
+            client
+                .create_container(&req)
+                .await
+                .with_context(|| format!("creating {id} in the VM"))
+        }))?;
 
         let terminal_host = if st.terminal {
             match (&opts.console_socket, opts.terminal_on_own_stdio) {
@@ -302,11 +313,19 @@ impl Monitor {
     /// Waits for the init to exit (forwarding signals meanwhile), shuts the VM down and
     /// returns the exit code.
     pub fn wait(mut self) -> i32 {
+        let share_pid = self.virtiofsd.as_ref().map(|c| c.id() as i32);
+        let vmm_done = &mut self.vmm_done;
+        let vm_gone = async {
+            tokio::select! {
+                r = vmm_done => describe_stop(r),
+                why = share_gone(share_pid) => why,
+            }
+        };
         let outcome = self.rt.block_on(wait_for_exit(
             &self.client,
             &self.agent_id,
             "",
-            Some(&mut self.vmm_done),
+            vm_gone,
             self.relay.winsize_fd,
         ));
         let (code, record) = match outcome {
@@ -479,14 +498,40 @@ pub(super) fn describe_stop(
     }
 }
 
+/// Resolves, saying why, when the container's virtiofsd (`pid`, a child of this process)
+/// has exited; never without one.
+async fn share_gone(pid: Option<i32>) -> String {
+    let Some(pid) = pid else {
+        return std::future::pending().await;
+    };
+    match husk_runtime::process::child_exited(pid).await {
+        Ok(how) => format!("virtiofsd (pid {pid}) {how}: the container's shared folder is gone"),
+        Err(e) => {
+            tracing::warn!("cannot watch virtiofsd (pid {pid}): {e}");
+            std::future::pending().await
+        }
+    }
+}
+
+/// `step`, unless the container's virtiofsd exits first: then its error names that.
+async fn unless_share_gone<T>(
+    pid: Option<i32>,
+    step: impl std::future::Future<Output = Result<T>>,
+) -> Result<T> {
+    tokio::select! {
+        r = step => r,
+        why = share_gone(pid) => Err(anyhow!(why)),
+    }
+}
+
 /// Waits for the exit of the init (`exec_id` empty) or an exec'd process, forwarding the
 /// signals we receive to it and following the terminal's window size. `Ok(None)`: the VM
-/// went away first.
+/// went away first (`vm_gone` resolved, with the reason).
 pub async fn wait_for_exit(
     client: &AgentClient,
     agent_id: &str,
     exec_id: &str,
-    vmm_done: Option<&mut tokio::sync::oneshot::Receiver<Result<StopReason, String>>>,
+    vm_gone: impl std::future::Future<Output = String>,
     winsize_fd: Option<i32>,
 ) -> Result<Option<ExitRecord>> {
     let kinds = [
@@ -517,12 +562,6 @@ pub async fn wait_for_exit(
     }
     let wait = client.wait_process(agent_id, exec_id);
     tokio::pin!(wait);
-    let vm_gone = async {
-        match vmm_done {
-            Some(r) => describe_stop(r.await),
-            None => std::future::pending().await,
-        }
-    };
     tokio::pin!(vm_gone);
     let mut tick = tokio::time::interval(Duration::from_millis(300));
     let mut last_size = winsize_fd.and_then(relay::winsize);

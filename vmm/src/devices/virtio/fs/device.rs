@@ -57,6 +57,8 @@ pub struct Fs {
     /// The active queues' registers and guest RAM, kept for a snapshot (the backend holds
     /// the ring positions; these say where the rings are).
     active: Option<(GuestMemory, Vec<Queue>)>,
+    /// The VM's stop latch, requested when the backend hangs up (see `relay`).
+    stop: Option<crate::stop::StopSignal>,
 }
 
 impl Fs {
@@ -82,11 +84,17 @@ impl Fs {
             relay: None,
             started_rings: 0,
             active: None,
+            stop: None,
         })
     }
 
     /// Stops the rings the backend serves; returns their bases (the backend's next
     /// available index) when it could say.
+    /// Ends the VM through `stop` when the backend hangs up while the device runs.
+    pub fn stop_vm_when_backend_exits(&mut self, stop: crate::stop::StopSignal) {
+        self.stop = Some(stop);
+    }
+
     fn stop_backend(&mut self) -> Option<Vec<u32>> {
         if self.started_rings == 0 {
             return None;
@@ -184,8 +192,9 @@ impl VirtioDevice for Fs {
             }
         };
         let name = self.name.clone();
+        let stop = self.stop.clone();
         let worker = match Worker::spawn("virtio-fs", move |kill| {
-            relay::run(name, calls, kicks, watch, interrupt, kill)
+            relay::run(name, calls, kicks, watch, interrupt, kill, stop)
         }) {
             Ok(w) => w,
             Err(e) => {

@@ -4,10 +4,11 @@
 //! that cannot go straight to KVM as an irqfd: Linux's virtio_mmio interrupt handler reads
 //! InterruptStatus first and ignores the interrupt when the used-buffer bit is clear. So a
 //! thread waits on the call eventfds and raises the interrupt through [`Interrupt`], which
-//! sets the bit, then injects. The same thread watches the vhost-user socket: the backend
-//! going away is normal at shutdown (virtiofsd is stopped with the VM), so that alone is
-//! logged at info; only a guest that kicks the share afterwards, whose accesses can then
-//! never complete, is an error.
+//! sets the bit, then injects. The same thread watches the vhost-user socket: when the
+//! backend goes away the VM is stopped ([`StopReason::BackendGone`]), since nothing the
+//! guest asks of the share can complete any more. That is also how a VM ends at shutdown
+//! (virtiofsd is stopped with it), so the hang-up alone is logged at info; only a guest
+//! that kicks the share afterwards is an error.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -20,6 +21,7 @@ use vmm_sys_util::eventfd::EventFd;
 use super::super::Interrupt;
 use super::super::interrupt::INT_VRING;
 use super::super::worker::setup_epoll;
+use crate::stop::{StopReason, StopSignal};
 
 const TOKEN_KILL: u64 = u64::MAX;
 const TOKEN_HANGUP: u64 = u64::MAX - 1;
@@ -36,7 +38,8 @@ pub(crate) struct RelayEnd {
 }
 
 /// Runs until `kill` is readable. `name` identifies the device in logs; `kicks` are the
-/// queues' notify eventfds, which the backend reads while it lives.
+/// queues' notify eventfds, which the backend reads while it lives; `stop` (the VM's) is
+/// requested when the backend hangs up.
 pub(crate) fn run(
     name: String,
     calls: Vec<EventFd>,
@@ -44,6 +47,7 @@ pub(crate) fn run(
     backend: UnixStream,
     interrupt: Interrupt,
     kill: EventFd,
+    stop: Option<StopSignal>,
 ) -> RelayEnd {
     let mut end = RelayEnd::default();
     let mut fds: Vec<(i32, u64)> = calls
@@ -93,6 +97,11 @@ pub(crate) fn run(
                 TOKEN_HANGUP => {
                     end.hung_up = true;
                     info!("{name}: the vhost-user backend closed its connection");
+                    if let Some(stop) = &stop {
+                        stop.request(StopReason::BackendGone(format!(
+                            "{name}: the vhost-user backend closed its connection (virtiofsd exited?)"
+                        )));
+                    }
                     // Level-triggered: stop watching, or every wait would return at once.
                     let _ = epoll.ctl(
                         ControlOperation::Delete,
@@ -189,6 +198,7 @@ mod tests {
                 ours,
                 relay_interrupt,
                 kill,
+                None,
             )
         })
         .unwrap();
@@ -223,18 +233,39 @@ mod tests {
     }
 
     /// The usual shutdown: the backend goes, the guest does not touch the share again.
+    /// Either way the VM is told to stop, naming the device (a guest whose virtiofsd was
+    /// killed would otherwise wait forever on its rootfs).
     #[test]
-    fn a_hang_up_alone_is_no_lost_access() {
+    fn a_hang_up_alone_is_no_lost_access_and_stops_the_vm() {
         let interrupt = Interrupt::new(EventFd::new(EFD_NONBLOCK).unwrap());
         let calls = vec![EventFd::new(EFD_NONBLOCK).unwrap()];
         let kicks = vec![EventFd::new(EFD_NONBLOCK).unwrap()];
         let (ours, theirs) = UnixStream::pair().unwrap();
+        let stop = StopSignal::new().unwrap();
+        let vm_stop = stop.clone();
         let worker = Worker::spawn("fs-relay-test", move |kill| {
-            run("virtio-fs test".into(), calls, kicks, ours, interrupt, kill)
+            run(
+                "virtio-fs test".into(),
+                calls,
+                kicks,
+                ours,
+                interrupt,
+                kill,
+                Some(vm_stop),
+            )
         })
         .unwrap();
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(stop.reason().is_none(), "no stop while the backend lives");
         drop(theirs);
-        std::thread::sleep(Duration::from_millis(100));
+        wait_until("stop requested", || stop.reason().is_some());
+        assert!(readable(stop.eventfd()), "the VM's main loop is woken");
+        match stop.reason() {
+            Some(StopReason::BackendGone(what)) => {
+                assert!(what.contains("virtio-fs test"), "{what}")
+            }
+            other => panic!("want BackendGone, got {other:?}"),
+        }
         let end = worker.stop().expect("relay stops on kill");
         assert_eq!(
             end,
