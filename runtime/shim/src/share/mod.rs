@@ -11,9 +11,15 @@
 //! because a later read-only remount would not reach virtiofsd's copy. Removal unmounts
 //! everything below first and refuses to delete while anything is still mounted there: a
 //! recursive delete through a live bind would delete the user's files.
+//!
+//! The guest writes this folder (through virtiofsd) while the pod lives, so everything done
+//! in it after the VM started is done relative to directory fds, refusing symlinks and never
+//! leaving the share (`beneath`): a symlink the guest planted where the next container's
+//! folders go is an error, not a way onto a host path.
 
-use std::fs::File;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd};
+mod beneath;
+
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -27,6 +33,9 @@ const BINDS: &str = "binds";
 /// The shared folder on the host and where the guest mounts it.
 pub struct SharedDir {
     root: PathBuf,
+    /// `root` opened once it is a mount: every later step in the share (which the guest
+    /// writes) is made relative to it, never by path (see `beneath`).
+    root_fd: OwnedFd,
     /// The share's path in the guest (`<sandbox dir>/mounts/shared`), once the sandbox exists.
     guest_root: std::sync::OnceLock<String>,
 }
@@ -53,8 +62,16 @@ impl SharedDir {
                     .with_context(|| format!("setting the propagation of {}", root.display()));
             }
         }
+        let root_fd = match beneath::open_root(root) {
+            Ok(fd) => fd,
+            Err(e) => {
+                let _ = umount2(root, MntFlags::MNT_DETACH);
+                return Err(e);
+            }
+        };
         Ok(Self {
             root: root.to_path_buf(),
+            root_fd,
             guest_root: std::sync::OnceLock::new(),
         })
     }
@@ -75,26 +92,21 @@ impl SharedDir {
             .context("the shared folder is not mounted in the guest yet")
     }
 
-    fn container_dir(&self, id: &str) -> Result<PathBuf> {
-        // containerd's ids are [A-Za-z0-9_.-]; anything else must not make a path.
-        if id.is_empty()
-            || id.starts_with('.')
-            || !id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
-        {
-            bail!("container id {id:?} cannot name a shared folder");
-        }
-        Ok(self.root.join(id))
+    /// Container `id`'s folder in the share, created if missing.
+    fn container_dir(&self, id: &str) -> Result<OwnedFd> {
+        check_id(id)?;
+        beneath::ensure_dir(self.root_fd.as_fd(), id)
+            .with_context(|| format!("in the shared folder {}", self.root.display()))
     }
 
     /// Binds container `id`'s rootfs into the share; returns its path in the guest.
     pub fn add_rootfs(&self, id: &str, rootfs: &Path) -> Result<String> {
-        let target = self.container_dir(id)?.join(ROOTFS);
-        std::fs::create_dir_all(&target)
-            .with_context(|| format!("creating {}", target.display()))?;
-        bind(rootfs, &target, false)?;
-        Ok(format!("{}/{id}/{ROOTFS}", self.guest_root()?))
+        let guest = format!("{}/{id}/{ROOTFS}", self.guest_root()?);
+        let shown = self.root.join(id).join(ROOTFS);
+        let target = beneath::ensure_dir(self.container_dir(id)?.as_fd(), ROOTFS)
+            .with_context(|| format!("in {}", self.root.join(id).display()))?;
+        bind(rootfs, target.as_fd(), &shown, false)?;
+        Ok(guest)
     }
 
     /// Binds host path `source` (a file or a folder) into the share as container `id`'s
@@ -104,22 +116,25 @@ impl SharedDir {
     pub fn add_bind(&self, id: &str, n: usize, source: &Path, read_only: bool) -> Result<String> {
         let meta = std::fs::metadata(source)
             .with_context(|| format!("bind source {}", source.display()))?;
-        let dir = self.container_dir(id)?.join(BINDS);
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let target = dir.join(n.to_string());
-        if meta.is_dir() {
-            std::fs::create_dir_all(&target)
+        let in_container = || format!("in {}", self.root.join(id).display());
+        let binds = beneath::ensure_dir(self.container_dir(id)?.as_fd(), BINDS)
+            .with_context(in_container)?;
+        let name = n.to_string();
+        let shown = self.root.join(id).join(BINDS).join(&name);
+        let target = if meta.is_dir() {
+            beneath::ensure_dir(binds.as_fd(), &name)
         } else {
-            File::create(&target).map(drop)
+            beneath::ensure_file(binds.as_fd(), &name)
         }
-        .with_context(|| format!("creating the bind target {}", target.display()))?;
-        bind(source, &target, read_only)?;
+        .with_context(|| format!("the bind target {}", shown.display()))?;
+        bind(source, target.as_fd(), &shown, read_only)?;
         Ok(format!("sandbox://mounts/{SHARE_TAG}/{id}/{BINDS}/{n}"))
     }
 
     /// Unmounts and removes container `id`'s part of the share. Idempotent.
     pub fn remove_container(&self, id: &str) -> Result<()> {
-        remove_tree(&self.container_dir(id)?)
+        check_id(id)?;
+        remove_tree(&self.root.join(id))
     }
 
     /// Unmounts and removes the whole share. Idempotent.
@@ -128,21 +143,35 @@ impl SharedDir {
     }
 }
 
+/// containerd's ids are [A-Za-z0-9_.-]; anything else must not make a path.
+fn check_id(id: &str) -> Result<()> {
+    if id.is_empty()
+        || id.starts_with('.')
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_.-".contains(&b))
+    {
+        bail!("container id {id:?} cannot name a shared folder");
+    }
+    Ok(())
+}
+
 /// open_tree(2) and move_mount(2) flags (not in the libc crate).
 const OPEN_TREE_CLONE: libc::c_uint = 1;
 const MOVE_MOUNT_F_EMPTY_PATH: libc::c_uint = 0x4;
+const MOVE_MOUNT_T_EMPTY_PATH: libc::c_uint = 0x40;
 
-/// Binds `source` (recursively) at `target`. The copy is made as a detached tree and, when
-/// `read_only`, made read-only with every mount below it before it is attached: attached
-/// first, it would propagate writable to virtiofsd's namespace, and a read-only remount
-/// afterwards does not propagate.
-fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
-    let what = || format!("binding {} at {}", source.display(), target.display());
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(std::io::Error::other)
-    };
-    let (src, tgt) = (c(source).with_context(what)?, c(target).with_context(what)?);
-    // SAFETY: valid C strings; the returned fd is owned below.
+/// Binds `source` (recursively) onto the folder or file `target` (an fd, `shown` names it).
+/// The copy is made as a detached tree and, when `read_only`, made read-only with every
+/// mount below it before it is attached: attached first, it would propagate writable to
+/// virtiofsd's namespace, and a read-only remount afterwards does not propagate. It is
+/// attached through the fd, so the guest cannot redirect it by renaming the share's folders.
+fn bind(source: &Path, target: BorrowedFd<'_>, shown: &Path, read_only: bool) -> Result<()> {
+    let what = || format!("binding {} at {}", source.display(), shown.display());
+    let src = std::ffi::CString::new(source.as_os_str().as_encoded_bytes())
+        .map_err(std::io::Error::other)
+        .with_context(what)?;
+    // SAFETY: a valid C string; the returned fd is owned below.
     let fd = unsafe {
         libc::syscall(
             libc::SYS_open_tree,
@@ -155,20 +184,20 @@ fn bind(source: &Path, target: &Path, read_only: bool) -> Result<()> {
         return Err(std::io::Error::last_os_error()).with_context(what);
     }
     // SAFETY: open_tree returned a new fd that nothing else owns.
-    let tree = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+    let tree = unsafe { OwnedFd::from_raw_fd(fd as i32) };
     if read_only {
         husk_runtime::volumes::make_tree_read_only(tree.as_fd())
             .with_context(|| format!("making the bind of {} read-only", source.display()))?;
     }
-    // SAFETY: valid fd and C strings.
+    // SAFETY: valid fds and empty C strings.
     let r = unsafe {
         libc::syscall(
             libc::SYS_move_mount,
             tree.as_raw_fd(),
             c"".as_ptr(),
-            libc::AT_FDCWD,
-            tgt.as_ptr(),
-            MOVE_MOUNT_F_EMPTY_PATH,
+            target.as_raw_fd(),
+            c"".as_ptr(),
+            MOVE_MOUNT_F_EMPTY_PATH | MOVE_MOUNT_T_EMPTY_PATH,
         )
     };
     if r != 0 {
@@ -212,10 +241,15 @@ fn unescape_mountinfo(s: &str) -> String {
 }
 
 /// Unmounts everything at or below `dir` (lazily: a straggler in the guest's share must not
-/// block the delete), then deletes `dir` — only once nothing is mounted there any more.
+/// block the delete), then deletes `dir` — only once nothing is mounted there any more, and
+/// without crossing into a mount or following a symlink (the guest writes the share).
 pub fn remove_tree(dir: &Path) -> Result<()> {
-    if std::fs::symlink_metadata(dir).is_err() {
+    let Ok(meta) = std::fs::symlink_metadata(dir) else {
         return Ok(());
+    };
+    if !meta.is_dir() {
+        // Something planted in the folder's place: remove the entry, follow nothing.
+        return std::fs::remove_file(dir).with_context(|| format!("removing {}", dir.display()));
     }
     // Stacked mounts on one point need one unmount each.
     for _ in 0..8 {
@@ -223,8 +257,27 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
         if mounts.is_empty() {
             break;
         }
+        // Afresh each round: `dir` itself may have been a mount, detached last round.
+        let anchor = beneath::open_root(dir)?;
         for m in mounts {
-            if let Err(e) = umount2(&m, MntFlags::MNT_DETACH)
+            let r = match m.strip_prefix(dir) {
+                Ok(rel) if rel.as_os_str().is_empty() => {
+                    umount2(dir, MntFlags::MNT_DETACH | MntFlags::UMOUNT_NOFOLLOW)
+                }
+                // Opened beneath `dir` without symlinks, then unmounted through the fd: a
+                // path the guest swapped meanwhile is skipped here, and goes with `dir`'s
+                // own mount (a lazy unmount detaches everything below it) or stays and
+                // stops the delete below.
+                Ok(rel) => match beneath::open_beneath(anchor.as_fd(), rel) {
+                    Ok(fd) => beneath::unmount(&fd),
+                    Err(e) => {
+                        tracing::warn!("not unmounting {}: {e}", m.display());
+                        continue;
+                    }
+                },
+                Err(_) => continue,
+            };
+            if let Err(e) = r
                 && e != nix::errno::Errno::EINVAL
                 && e != nix::errno::Errno::ENOENT
             {
@@ -240,7 +293,21 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))
+    let how = nix::fcntl::OpenHow::new().flags(
+        nix::fcntl::OFlag::O_RDONLY
+            | nix::fcntl::OFlag::O_DIRECTORY
+            | nix::fcntl::OFlag::O_NOFOLLOW
+            | nix::fcntl::OFlag::O_CLOEXEC,
+    );
+    let fd = nix::fcntl::openat2(nix::fcntl::AT_FDCWD, dir, how)
+        .with_context(|| format!("opening {}", dir.display()))?;
+    beneath::remove_contents(fd).with_context(|| format!("removing {}", dir.display()))?;
+    match std::fs::remove_dir(dir) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+            Err(e).with_context(|| format!("removing {}", dir.display()))
+        }
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -260,14 +327,98 @@ mod tests {
 
     #[test]
     fn ids_that_cannot_name_a_folder_are_refused() {
-        let s = SharedDir {
-            root: PathBuf::from("/nonexistent/shared"),
-            guest_root: std::sync::OnceLock::new(),
-        };
         for bad in ["", "..", ".x", "a/b", "a b"] {
-            assert!(s.container_dir(bad).is_err(), "{bad:?}");
+            assert!(check_id(bad).is_err(), "{bad:?}");
         }
-        assert!(s.container_dir("pod-1_a.b").is_ok());
+        assert!(check_id("pod-1_a.b").is_ok());
+    }
+
+    /// A guest that escaped its container owns the share (it writes it through virtiofsd)
+    /// and plants symlinks where the next containers' folders will be made; this root
+    /// process must follow none of them onto the host.
+    #[test]
+    fn symlinks_the_guest_plants_in_the_share_are_refused_not_followed() {
+        if !is_root() {
+            eprintln!("skipped: bind mounts need root");
+            return;
+        }
+        use std::os::unix::fs::symlink;
+        let tmp = tempfile::tempdir().unwrap();
+        let rootfs = tmp.path().join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        let hosts = tmp.path().join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        // A host folder outside the share: what the guest aims at (/etc in real life).
+        let victim = tmp.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        std::fs::write(victim.join("0"), "precious").unwrap();
+        std::fs::create_dir(victim.join("rootfs")).unwrap();
+
+        let share = SharedDir::create(&tmp.path().join("shared")).unwrap();
+        share.set_guest_root("/run/sb/mounts/shared".into());
+        let s = share.path();
+        symlink(&victim, s.join("c1")).unwrap();
+        std::fs::create_dir(s.join("c2")).unwrap();
+        symlink(victim.join("rootfs"), s.join("c2/rootfs")).unwrap();
+        std::fs::create_dir(s.join("c3")).unwrap();
+        symlink(&victim, s.join("c3/binds")).unwrap();
+        std::fs::create_dir_all(s.join("c4/binds")).unwrap();
+        symlink(victim.join("0"), s.join("c4/binds/0")).unwrap();
+        symlink("../../..", s.join("c4/binds/1")).unwrap();
+        std::fs::create_dir_all(s.join("c5/binds")).unwrap();
+        nix::unistd::mkfifo(&s.join("c5/binds/0"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+
+        let attempts: Vec<(&str, Result<String>)> = vec![
+            ("c1 rootfs", share.add_rootfs("c1", &rootfs)),
+            ("c2 rootfs", share.add_rootfs("c2", &rootfs)),
+            ("c3 file bind", share.add_bind("c3", 0, &hosts, false)),
+            ("c4 file bind", share.add_bind("c4", 0, &hosts, false)),
+            ("c4 folder bind", share.add_bind("c4", 1, &rootfs, false)),
+            (
+                "c5 file bind over a FIFO",
+                share.add_bind("c5", 0, &hosts, true),
+            ),
+        ];
+        for (what, r) in attempts {
+            let err = format!("{:#}", r.expect_err(what));
+            let expected = if what.contains("FIFO") {
+                "not a regular file"
+            } else {
+                "symlink"
+            };
+            assert!(err.contains(expected), "{what}: {err}");
+        }
+        // The host folder is as it was: nothing mounted on it, nothing created or truncated.
+        assert!(mounts_below(&victim).unwrap().is_empty());
+        assert_eq!(
+            std::fs::read_to_string(victim.join("0")).unwrap(),
+            "precious"
+        );
+        let mut names: Vec<_> = std::fs::read_dir(&victim)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["0", "rootfs"]);
+        assert!(
+            std::fs::read_dir(victim.join("rootfs"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+
+        // Removal follows none of them either.
+        for id in ["c1", "c2", "c3", "c4", "c5"] {
+            share.remove_container(id).unwrap();
+            assert!(std::fs::symlink_metadata(s.join(id)).is_err(), "{id} left");
+        }
+        share.remove().unwrap();
+        assert_eq!(
+            std::fs::read_to_string(victim.join("0")).unwrap(),
+            "precious"
+        );
+        assert!(victim.join("rootfs").is_dir());
+        assert!(!tmp.path().join("shared").exists());
     }
 
     #[test]
