@@ -8,15 +8,30 @@
 //! - host CPU per idle husk pod: CPU time of that process tree over 10 s while the
 //!   container sleeps, in percent of one core.
 //!
-//! Each pod is stopped and removed after it is measured. The harness is `husk_tests::cri`
-//! (a private containerd 1.6 with a CNI bridge network and imported images).
+//! Each pod is stopped and removed after it is measured. Then the parallel case:
+//! `HUSK_BENCH_PARALLEL` pods (default 8; 0 skips it) started at the same moment, each from
+//! its own thread and CRI client, with `runc` and with `husk` (whose VMs restore the
+//! template the sequential pods used):
+//! - pods per minute: N / wall time from the first RunPodSandbox sent to the last
+//!   StartContainer returned, and the husk / runc ratio;
+//! - host memory per husk pod while all N run: the per-pod figure above (excluding guest
+//!   RAM), plus guest RAM's PSS per pod (guest RAM pages the host holds, shared ones split
+//!   between their mappers) and the drop of the host's MemAvailable per pod (everything
+//!   else the host runs meanwhile counts too);
+//! - host CPU per idle husk pod while all N sleep.
 //!
-//! `cargo bench -p husk-tests --bench pods`. Knobs: `HUSK_BENCH_PODS` (default 3).
+//! The harness is `husk_tests::cri` (a private containerd 1.6 with a CNI bridge network and
+//! imported images).
+//!
+//! `cargo bench -p husk-tests --bench pods`. Knobs: `HUSK_BENCH_PODS` (default 3),
+//! `HUSK_BENCH_PARALLEL` (default 8).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use husk_tests::cri::{CriHarness, HUSK_HANDLER, HUSK_SHIM, Pod, RUNC_HANDLER, cri_missing_reason};
+use husk_tests::cri::{
+    CriHarness, HUSK_HANDLER, HUSK_SHIM, Pod, RUNC_HANDLER, StartedPod, cri_missing_reason,
+};
 use husk_tests::host::kvm_unavailable_reason;
 use husk_tests::husk_cli::Husk;
 use husk_tests::podman::find_virtiofsd;
@@ -200,4 +215,191 @@ fn main() {
         }
         Err(reason) => println!("husk pod figures skipped: {reason}"),
     }
+
+    let parallel = std::env::var("HUSK_BENCH_PARALLEL")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(8usize);
+    if parallel == 0 {
+        return;
+    }
+    let runc = start_pods_concurrently(&h, RUNC_HANDLER, parallel, false);
+    if husk_setup.is_ok() {
+        let husk = start_pods_concurrently(&h, HUSK_HANDLER, parallel, true);
+        println!(
+            "ratio runc / husk pods per minute at {parallel} concurrent pods: {:.1}x",
+            runc / husk
+        );
+    }
+}
+
+/// Starts `n` pods with `handler` at the same moment (one thread and CRI client each), each
+/// with one `sleep` container; prints the pods per minute and each pod's start latency, and
+/// with `measure_memory` the host memory and idle CPU per husk pod while all `n` run. Then
+/// removes them all. Returns the pods per minute.
+fn start_pods_concurrently(h: &CriHarness, handler: &str, n: usize, measure_memory: bool) -> f64 {
+    let names: Vec<String> = (0..n).map(|i| format!("{handler}-par-{i}")).collect();
+    let available_before = mem_available_kib();
+    let command = |_: &str| vec!["sleep".to_string(), "100000".to_string()];
+    let results = h
+        .run_pods_concurrently(&names, handler, "sleeper", &command)
+        .unwrap_or_else(|e| panic!("preparing {n} {handler} pods: {e:#}"));
+    let pods: Vec<StartedPod> = results
+        .into_iter()
+        .map(|r| r.unwrap_or_else(|e| panic!("{handler}: {e:#}\n{}", h.log_tail(60))))
+        .collect();
+    let first = pods
+        .iter()
+        .map(|p| p.began)
+        .min()
+        .expect("at least one pod");
+    let last = pods
+        .iter()
+        .map(|p| p.ended)
+        .max()
+        .expect("at least one pod");
+    let wall = last - first;
+    for p in &pods {
+        println!(
+            "  {}: running after {:.1} ms (RunPodSandbox {:.1} ms, CreateContainer {:.1} ms, \
+             StartContainer {:.1} ms)",
+            p.pod.name,
+            ms(p.ended - p.began),
+            ms(p.run_pod),
+            ms(p.create),
+            ms(p.start)
+        );
+    }
+    let latency = Stats::of(pods.iter().map(|p| p.ended - p.began).collect()).expect("pods");
+    println!(
+        "{}",
+        latency.line(
+            &format!("{handler}, {n} at once: RunPodSandbox + CreateContainer + StartContainer"),
+            "pods"
+        )
+    );
+    let per_minute = n as f64 / wall.as_secs_f64() * 60.0;
+    println!(
+        "{handler}: {per_minute:.1} pods per minute ({n} pods started at once, all running \
+         {:.1} s after the first RunPodSandbox)",
+        wall.as_secs_f64()
+    );
+    if measure_memory {
+        measure_running_pods(h, &pods, available_before);
+    }
+    let t = Instant::now();
+    for p in &pods {
+        h.cri()
+            .stop_pod_sandbox(&p.pod.id)
+            .and_then(|()| h.cri().remove_pod_sandbox(&p.pod.id))
+            .unwrap_or_else(|e| panic!("removing {}: {e:#}\n{}", p.pod.name, h.log_tail(40)));
+    }
+    println!(
+        "{handler}: {n} pods stopped and removed one after the other in {:.1} ms",
+        ms(t.elapsed())
+    );
+    per_minute
+}
+
+/// Host memory and idle CPU per pod while all of `pods` (husk) run; `available_before` is
+/// MemAvailable before they started.
+fn measure_running_pods(h: &CriHarness, pods: &[StartedPod], available_before: Option<u64>) {
+    // Let the just-started containers settle first.
+    std::thread::sleep(Duration::from_secs(2));
+    let available_after = mem_available_kib();
+    let mut memory = Vec::new();
+    let mut guest_pss = Vec::new();
+    let mut trees = Vec::new();
+    for p in pods {
+        let Some(shim) = h.pod_shim(HUSK_SHIM, &p.pod) else {
+            println!("  no {HUSK_SHIM} with -id {}: no figures", p.pod.id);
+            continue;
+        };
+        let tree = process_tree(shim);
+        let label = format!("{}: ", p.pod.name);
+        memory.push(proc_stats::memory_excluding_guest_ram(
+            &tree,
+            MEMORY_MIB << 20,
+            &label,
+        ));
+        guest_pss.push(guest_ram_pss_kib(&tree));
+        trees.push(tree);
+    }
+    let n = pods.len();
+    let median = |v: &mut Vec<u64>| -> f64 {
+        v.sort();
+        v.get(v.len() / 2).copied().unwrap_or(0) as f64 / 1024.0
+    };
+    if !memory.is_empty() {
+        println!(
+            "host memory per running husk pod, {n} running: {:.1} MiB RSS excluding guest RAM, \
+             median of {}",
+            median(&mut memory),
+            memory.len()
+        );
+        println!(
+            "guest RAM PSS per running husk pod, {n} running: {:.1} MiB (of {MEMORY_MIB} MiB \
+             guest RAM), median of {}",
+            median(&mut guest_pss),
+            guest_pss.len()
+        );
+    }
+    if let (Some(before), Some(after)) = (available_before, available_after) {
+        println!(
+            "host MemAvailable drop per husk pod, {n} running: {:.1} MiB (whole host, noisy)",
+            before.saturating_sub(after) as f64 / 1024.0 / n as f64
+        );
+    }
+    let total = |trees: &[Vec<u32>]| -> u64 {
+        trees
+            .iter()
+            .flatten()
+            .filter_map(|p| proc_stats::cpu_time_us(*p).ok())
+            .map(|(u, s)| u + s)
+            .sum()
+    };
+    let before = total(&trees);
+    std::thread::sleep(IDLE_WINDOW);
+    let used = total(&trees).saturating_sub(before);
+    if !trees.is_empty() {
+        println!(
+            "host CPU per idle husk pod, {n} running: {:.1}% of a core over {} s",
+            used as f64 / IDLE_WINDOW.as_micros() as f64 * 100.0 / trees.len() as f64,
+            IDLE_WINDOW.as_secs()
+        );
+    }
+}
+
+/// Guest RAM's proportional set size in `pids`, in KiB: each guest RAM page the host holds,
+/// split between the processes mapping it (the shim's VMM and virtiofsd map the same memfd).
+fn guest_ram_pss_kib(pids: &[u32]) -> u64 {
+    pids.iter()
+        .map(|&pid| {
+            let ranges = proc_stats::guest_ram_ranges(pid, MEMORY_MIB << 20);
+            let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+            // parse_smaps sums the `Rss:` lines per mapping: hand it the `Pss:` lines instead.
+            let pss: String = smaps
+                .lines()
+                .filter(|l| !l.starts_with("Rss:"))
+                .map(|l| match l.strip_prefix("Pss:") {
+                    Some(rest) => format!("Rss:{rest}\n"),
+                    None => format!("{l}\n"),
+                })
+                .collect();
+            proc_stats::parse_smaps(&pss, &ranges).guest_ram_kib
+        })
+        .sum()
+}
+
+/// The host's MemAvailable in KiB.
+fn mem_available_kib() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    meminfo
+        .lines()
+        .find_map(|l| l.strip_prefix("MemAvailable:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
 }

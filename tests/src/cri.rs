@@ -275,6 +275,16 @@ impl Cri {
         Ok(r.items)
     }
 
+    /// `ListContainers`: every container the CRI plugin knows, in any state.
+    pub fn list_containers(&self) -> Result<Vec<cri::Container>> {
+        let mut c = self.runtime.clone();
+        let r = self.call("ListContainers", async move {
+            c.list_containers(cri::ListContainersRequest::default())
+                .await
+        })?;
+        Ok(r.containers)
+    }
+
     pub fn stop_pod_sandbox(&self, id: &str) -> Result<()> {
         let mut c = self.runtime.clone();
         let req = cri::StopPodSandboxRequest {
@@ -1040,6 +1050,163 @@ pub fn parse_cri_log(text: &str) -> Result<Vec<(String, String)>> {
     Ok(lines)
 }
 
+/// Whether `ip` is a local address in /proc/net/fib_trie: a `|-- <ip>` line followed by a
+/// `/32 host LOCAL` line.
+pub fn fib_trie_has_local(fib_trie: &str, ip: &str) -> bool {
+    let lines: Vec<&str> = fib_trie.lines().collect();
+    lines.windows(2).any(|w| {
+        w[0].trim_start().strip_prefix("|-- ") == Some(ip) && w[1].contains("/32 host LOCAL")
+    })
+}
+
+/// A pod that [`CriHarness::run_pods_concurrently`] started, with its container and what
+/// each CRI call took.
+pub struct StartedPod {
+    pub pod: Pod,
+    pub container: String,
+    /// When its thread sent RunPodSandbox, and when StartContainer returned.
+    pub began: std::time::Instant,
+    pub ended: std::time::Instant,
+    pub run_pod: Duration,
+    pub create: Duration,
+    pub start: Duration,
+}
+
+/// What one thread of `run_pods_concurrently` created (tracked even when a later call
+/// failed) and how it ended.
+struct ThreadOutcome {
+    pod_id: Option<String>,
+    container_id: Option<String>,
+    result: Result<StartedPod>,
+}
+
+impl CriHarness {
+    /// Another CRI client on this containerd. The harness is not `Sync` (it records the ids
+    /// it started), so threads that call CRI at the same time each use their own.
+    pub fn connect_client(&self) -> Result<Cri> {
+        Cri::connect(&self.containerd().socket())
+    }
+
+    /// Starts one pod per name at the same moment, each from its own thread with its own
+    /// CRI client (as a kubelet's pod workers do): RunPodSandbox with `handler` and
+    /// `pod_config(name)`, CreateContainer of `container_config(container, command(name))`,
+    /// StartContainer. Returns each pod's outcome in the order of `names` (an error names
+    /// the pod and the call); every pod and container created is tracked as `run_pod` and
+    /// `create_container` do, so `leftovers` and `Drop` cover them.
+    pub fn run_pods_concurrently(
+        &self,
+        names: &[String],
+        handler: &str,
+        container: &str,
+        command: &(dyn Fn(&str) -> Vec<String> + Sync),
+    ) -> Result<Vec<Result<StartedPod>>> {
+        let mut prepared = Vec::new();
+        for name in names {
+            prepared.push((
+                name.as_str(),
+                self.pod_config(name)?,
+                self.connect_client()?,
+            ));
+        }
+        // The clients are connected first: the calls start together.
+        let barrier = std::sync::Barrier::new(prepared.len());
+        let outcomes: Vec<ThreadOutcome> = std::thread::scope(|s| {
+            let threads: Vec<_> = prepared
+                .into_iter()
+                .map(|(name, config, client)| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        start_pod_on(&client, name, config, handler, container, command)
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join().unwrap_or_else(|_| ThreadOutcome {
+                        pod_id: None,
+                        container_id: None,
+                        result: Err(anyhow::anyhow!("the pod's thread panicked")),
+                    })
+                })
+                .collect()
+        });
+        Ok(outcomes
+            .into_iter()
+            .map(|o| {
+                self.pods.borrow_mut().extend(o.pod_id);
+                self.containers.borrow_mut().extend(o.container_id);
+                o.result
+            })
+            .collect())
+    }
+}
+
+/// One pod of `run_pods_concurrently`, on `client`.
+fn start_pod_on(
+    client: &Cri,
+    name: &str,
+    config: cri::PodSandboxConfig,
+    handler: &str,
+    container: &str,
+    command: &(dyn Fn(&str) -> Vec<String> + Sync),
+) -> ThreadOutcome {
+    let began = std::time::Instant::now();
+    let mut outcome = ThreadOutcome {
+        pod_id: None,
+        container_id: None,
+        result: Err(anyhow::anyhow!("not started")),
+    };
+    let id = match client.run_pod_sandbox(&config, handler) {
+        Ok(id) => id,
+        Err(e) => {
+            outcome.result = Err(e.context(format!("pod {name}: RunPodSandbox")));
+            return outcome;
+        }
+    };
+    outcome.pod_id = Some(id.clone());
+    let run_pod = began.elapsed();
+    let args = command(name);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let t = std::time::Instant::now();
+    let cid = match client.create_container(
+        &id,
+        &CriHarness::container_config(container, &args),
+        &config,
+    ) {
+        Ok(cid) => cid,
+        Err(e) => {
+            outcome.result = Err(e.context(format!("pod {name} ({id}): CreateContainer")));
+            return outcome;
+        }
+    };
+    outcome.container_id = Some(cid.clone());
+    let create = t.elapsed();
+    let t = std::time::Instant::now();
+    if let Err(e) = client.start_container(&cid) {
+        outcome.result = Err(e.context(format!("pod {name} ({id}): StartContainer {cid}")));
+        return outcome;
+    }
+    let start = t.elapsed();
+    let log_dir = PathBuf::from(&config.log_directory);
+    outcome.result = Ok(StartedPod {
+        pod: Pod {
+            id,
+            name: name.to_owned(),
+            config,
+            log_dir,
+        },
+        container: cid,
+        began,
+        ended: std::time::Instant::now(),
+        run_pod,
+        create,
+        start,
+    });
+    outcome
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1098,5 +1265,14 @@ mod tests {
         assert!(toml.contains("pod_annotations = [\"io.husk.*\"]"));
         assert!(toml.contains("restrict_oom_score_adj = true"));
         assert!(toml.contains(&format!("sandbox_image = {PAUSE_IMAGE:?}")));
+    }
+
+    #[test]
+    fn fib_trie_local_addresses() {
+        let fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.7.0.23\n        /32 host LOCAL\n\
+                   Local:\n  +-- 10.7.0.0/24 2 0 2\n     |-- 10.7.0.2\n        /24 link UNICAST\n";
+        assert!(fib_trie_has_local(fib, "10.7.0.23"));
+        assert!(!fib_trie_has_local(fib, "10.7.0.2"));
+        assert!(!fib_trie_has_local(fib, "10.7.0.3"));
     }
 }

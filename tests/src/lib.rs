@@ -12,6 +12,7 @@ pub mod husk_cli;
 pub mod podman;
 pub mod proc_stats;
 pub mod rootfs;
+pub mod stdio;
 pub mod timing;
 pub mod vm;
 pub mod workspace;

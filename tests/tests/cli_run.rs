@@ -42,10 +42,7 @@ fn run_relays_stdio_and_returns_the_exit_code() {
     let Some(husk) = setup("run_relays_stdio_and_returns_the_exit_code") else {
         return;
     };
-    let lines: u64 = std::env::var("HUSK_STDIO_LINES")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(500_000);
+    let lines = husk_tests::stdio::lines();
     let mut c = spec(
         &[
             "sh",
@@ -79,34 +76,14 @@ fn run_relays_stdio_and_returns_the_exit_code() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(3), "stderr: {stderr}");
     let mut expected = b"got-hello\n".to_vec();
-    for i in 1..=lines {
-        expected.extend_from_slice(format!("{i}\n").as_bytes());
-    }
-    assert_same_bytes(&out.stdout, &expected);
+    expected.extend(husk_tests::stdio::seq_output(lines));
+    husk_tests::stdio::assert_same_bytes("stdout", &out.stdout, &expected);
     assert!(stderr.contains("to-stderr"), "{stderr}");
     let pid = std::fs::read_to_string(&pid_file).expect("pid file");
     assert!(pid.trim().parse::<u32>().is_ok(), "{pid:?}");
     assert!(
         !husk.root().join("r1").exists(),
         "run without --detach deletes the container"
-    );
-}
-
-/// Equal, or a message with the lengths and the first difference (not 100 MB of output).
-fn assert_same_bytes(got: &[u8], want: &[u8]) {
-    if got == want {
-        return;
-    }
-    let at = got.iter().zip(want).take_while(|(a, b)| a == b).count();
-    let around = |v: &[u8]| {
-        String::from_utf8_lossy(&v[at.saturating_sub(20)..(at + 20).min(v.len())]).into_owned()
-    };
-    panic!(
-        "stdout differs: {} bytes received, {} expected, first difference at byte {at}: got {:?}, want {:?}",
-        got.len(),
-        want.len(),
-        around(got),
-        around(want)
     );
 }
 

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use husk_tests::cri::{
     BUSYBOX_IMAGE, CriHarness, HUSK_HANDLER, HUSK_SHIM, PAUSE_IMAGE, Pod, RUNC_HANDLER, RUNC_SHIM,
-    cri_missing_reason, file_tail, parse_cri_log, pod_dns, tap_devices,
+    cri_missing_reason, fib_trie_has_local, file_tail, parse_cri_log, pod_dns, tap_devices,
 };
 use husk_tests::host::skip_without_kvm;
 use husk_tests::husk_cli::Husk;
@@ -94,15 +94,6 @@ impl Steps {
         );
         self.last = now;
     }
-}
-
-/// Whether `ip` is a local address in /proc/net/fib_trie: a `|-- <ip>` line followed by a
-/// `/32 host LOCAL` line.
-fn fib_trie_has_local(fib_trie: &str, ip: &str) -> bool {
-    let lines: Vec<&str> = fib_trie.lines().collect();
-    lines.windows(2).any(|w| {
-        w[0].trim_start().strip_prefix("|-- ") == Some(ip) && w[1].contains("/32 host LOCAL")
-    })
 }
 
 #[test]
@@ -655,13 +646,4 @@ fn cri_pods_run_in_husk_vms() {
         "images known to the CRI plugin",
         format!("{tags:?}, expected only the imported {imported:?}"),
     );
-}
-
-#[test]
-fn fib_trie_local_addresses() {
-    let fib = "Main:\n  +-- 0.0.0.0/0 3 0 5\n     |-- 10.7.0.23\n        /32 host LOCAL\n\
-               Local:\n  +-- 10.7.0.0/24 2 0 2\n     |-- 10.7.0.2\n        /24 link UNICAST\n";
-    assert!(fib_trie_has_local(fib, "10.7.0.23"));
-    assert!(!fib_trie_has_local(fib, "10.7.0.2"));
-    assert!(!fib_trie_has_local(fib, "10.7.0.3"));
 }

@@ -12,10 +12,12 @@
 //!   no shim and no rootfs mount is left;
 //! - the task events containerd received (`ctr events`), in the order it requires: create,
 //!   start, exec-added/exec-started/exit of each exec, oom, paused, resumed, exit, delete;
+//! - `ctr run --rm` of a container that prints `HUSK_STDIO_LINES` lines of `seq` and exits
+//!   at once: stdout is complete, byte for byte;
 //! - SIGKILL of a running container's shim: containerd reports the task's exit and cleans
 //!   up through the shim's `delete` (task gone, run folder and mounts removed).
 //!
-//! Three VMs boot, one after the other. Skips without /dev/kvm, root, containerd or the
+//! Six VMs boot, one after the other. Skips without /dev/kvm, root, containerd or the
 //! guest image. The rootfs goes over virtio-fs when virtiofsd is installed, else as a block
 //! image. `HUSK_TEST_CONSOLE=1` writes the guest console and agent logs to the test dir.
 
@@ -203,6 +205,41 @@ fn ctr_runs_containers_in_husk_vms() {
         "ctr run --rm -t: {}, its own pty of 30x100, exit 3, after {:?}",
         lines[at],
         started.elapsed()
+    );
+
+    // 1b. `ctr run --rm` without a terminal, of a container that writes a lot and exits at
+    // once: every byte arrives (HUSK_STDIO_LINES of seq, 3.4 MB by default, 101 MB
+    // nightly), through the shim's stdio relay and containerd's fifos.
+    let lines = husk_tests::stdio::lines();
+    let t = Instant::now();
+    let out = ctrd
+        .ctr_timeout(
+            RUN_TIMEOUT + Duration::from_secs(lines / 10_000),
+            &[
+                "run",
+                "--rm",
+                "--runtime",
+                RUNTIME,
+                IMAGE,
+                "seq1",
+                "seq",
+                "1",
+                &lines.to_string(),
+            ],
+        )
+        .expect("ctr run --rm seq");
+    if !out.status.success() {
+        fail("ctr run --rm seq", &text(&out.stderr));
+    }
+    husk_tests::stdio::assert_same_bytes(
+        "ctr run stdout",
+        &out.stdout,
+        &husk_tests::stdio::seq_output(lines),
+    );
+    eprintln!(
+        "ctr run --rm: {} bytes of seq output complete, {:?}",
+        out.stdout.len(),
+        t.elapsed()
     );
 
     // 2. A detached container: exec, kill, delete.
@@ -616,6 +653,7 @@ fn ctr_runs_containers_in_husk_vms() {
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(shims_of("d1").is_empty()
         && shims_of("rm1").is_empty()
+        && shims_of("seq1").is_empty()
         && shims_of("k1").is_empty()
         && shims_of("b1").is_empty()
         && shims_of("r1").is_empty())

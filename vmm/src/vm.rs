@@ -915,13 +915,21 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
     }
     // vCPUs parked by a snapshot that failed wake up to the stop and end as well.
     machine.pause.resume();
-    if !end_vcpus(&handles, VCPU_END_TIMEOUT) {
+    if end_vcpus(&handles, VCPU_END_TIMEOUT) {
+        // Release the devices as well: their host sides close, so a client of the guest
+        // agent in a process that outlives the VM (the shim) gets end-of-file at once
+        // instead of waiting out its RPC deadline on a VM that no longer runs.
+        for h in handles {
+            let _ = h.join();
+        }
+        drop(machine);
+    } else {
         tracing::warn!("a vCPU thread did not end within {VCPU_END_TIMEOUT:?} of the VM's stop");
+        // The VM and its memory go away with the process; keep them alive until then (a
+        // vCPU that did not end may still be inside KVM_RUN).
+        std::mem::forget(machine);
+        std::mem::forget(handles);
     }
-    // The VM and its memory go away with the process; keep them alive until then (a vCPU
-    // that did not end may still be inside KVM_RUN).
-    std::mem::forget(machine);
-    std::mem::forget(handles);
     Ok(reason)
 }
 

@@ -322,7 +322,8 @@ impl ExecSession {
         req.stdio = Some(ids.clone()).into();
         req.terminal = terminal;
         rt.block_on(client.exec_process(&req))
-            .with_context(|| format!("exec in {}", st.id))?;
+            .with_context(|| format!("exec in {}", st.id))
+            .map_err(|e| agent::explain_failed_call(store, st, e))?;
         let host = if terminal {
             match console_socket {
                 Some(sock) => {

@@ -233,7 +233,8 @@ pub fn start(g: &GlobalOpts, id: &str) -> Result<()> {
             .start_container(&st.agent_id)
             .await
             .with_context(|| format!("starting {id}"))
-    })??;
+    })?
+    .map_err(|e| agent::explain_failed_call(&store, &st, e))?;
     st.status = Status::Running;
     store.save(&lock, &st)?;
     drop(lock);

@@ -176,6 +176,15 @@ impl VirtioDevice for Fs {
         self.started_rings = rings.len();
         if let Err(e) = self.conn.start(&mem, self.acked_features, &rings) {
             error!("{}: cannot start the device: {e}", self.name);
+            // The share can never serve the guest (most often virtiofsd is gone): end the
+            // VM, as a hang-up later would, rather than let its workload (or a template
+            // snapshot of it) wait on the share forever.
+            if let Some(stop) = &self.stop {
+                stop.request(crate::stop::StopReason::BackendGone(format!(
+                    "{}: cannot start the device: {e}",
+                    self.name
+                )));
+            }
             self.stop_backend();
             return Err(ActivateError::Other(format!("{}: {e}", self.name)));
         }

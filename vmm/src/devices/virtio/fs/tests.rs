@@ -426,3 +426,48 @@ fn an_unused_share_snapshots_and_restores_onto_a_new_backend_with_the_same_tag()
     let err = r.snapshot().expect_err("a used share is refused");
     assert!(err.contains("never mounted"), "{err}");
 }
+
+/// virtiofsd killed after the VMM connected but before the guest driver started the
+/// device (seen when a template VM's virtiofsd died during its boot): activation fails,
+/// and the VM is told to stop, naming the share, instead of booting on (and being
+/// snapshotted) with a share that never answers.
+#[test]
+fn a_backend_gone_before_activation_fails_it_and_stops_the_vm() {
+    use crate::stop::{StopReason, StopSignal};
+
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/husk-fs-test").unwrap();
+    let socket = dir.as_path().join("dying.sock");
+    let listener = UnixListener::bind(&socket).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let (sock, _) = listener.accept().unwrap();
+        tx.send(sock.try_clone().unwrap()).unwrap();
+        serve(sock, Log::default());
+    });
+    let mut dev = Fs::new(&FsConfig {
+        socket,
+        tag: "share".into(),
+    })
+    .unwrap();
+    let stop = StopSignal::new().unwrap();
+    dev.stop_vm_when_backend_exits(stop.clone());
+    // The backend goes away.
+    rx.recv().unwrap().shutdown(Shutdown::Both).unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(stop.reason().is_none());
+
+    let mem = create_guest_memory(64 << 20, RamBacking::SharedMemfd).unwrap();
+    let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+    let mut t = MmioTransport::new(mem, Box::new(dev), Interrupt::new(irq));
+    bring_up(&mut t);
+    assert!(!t.is_activated(), "status {:#x}", t.status());
+    match stop.reason() {
+        Some(StopReason::BackendGone(what)) => {
+            assert!(
+                what.contains("tag share") && what.contains("cannot start"),
+                "{what}"
+            )
+        }
+        other => panic!("want BackendGone, got {other:?}"),
+    }
+}
