@@ -10,6 +10,7 @@
 mod bootstrap;
 mod cleanup;
 mod container;
+mod creating;
 mod error;
 mod events;
 mod guest_mapping;

@@ -46,6 +46,7 @@ use husk_runtime::state::RootfsMode;
 use husk_runtime::{rootfs_image, sizing};
 
 use crate::container::{Container, Exit, Process, Status, UNKNOWN_EXIT_STATUS};
+use crate::creating::{Creates, Creating, Phase};
 use crate::error::{ShimError, ShimResult};
 use crate::events::Events;
 use crate::guest_mapping::{self, PodMapping};
@@ -83,6 +84,8 @@ struct Inner {
     vm: tokio::sync::Mutex<Option<Arc<PodVm>>>,
     /// Containers by id, until deleted.
     containers: std::sync::Mutex<HashMap<String, Arc<Container>>>,
+    /// Creates in progress, visible to State/Wait/Kill/Delete (see `creating`).
+    creates: Creates,
 }
 
 impl Service {
@@ -94,6 +97,7 @@ impl Service {
                 exit,
                 vm: tokio::sync::Mutex::new(None),
                 containers: std::sync::Mutex::new(HashMap::new()),
+                creates: Creates::default(),
             }),
         }
     }
@@ -131,12 +135,33 @@ impl Inner {
                 "restoring a container from a checkpoint is not supported by husk".into(),
             ));
         }
-        if lock(&self.containers).contains_key(&req.id) {
-            return Err(ShimError::AlreadyExists(format!(
-                "container {}: already exists",
-                req.id
-            )));
+        let creating = {
+            let containers = lock(&self.containers);
+            if containers.contains_key(&req.id) {
+                None
+            } else {
+                self.creates.begin(&req.id, &req)
+            }
         }
+        .ok_or_else(|| ShimError::AlreadyExists(format!("container {}: already exists", req.id)))?;
+        let r = self.create_task(&req, &creating).await;
+        if r.is_err() {
+            if matches!(creating.phase(), Phase::InProgress { .. }) {
+                self.creates.end(&req.id, &creating);
+            }
+            // containerd answers a failed create with Delete and Shutdown; a containerd that
+            // restarted meanwhile never does.
+            Arc::clone(self).exit_when_idle();
+        }
+        r
+    }
+
+    /// The body of `create`, for the task `creating` registered.
+    async fn create_task(
+        self: &Arc<Self>,
+        req: &CreateTaskRequest,
+        creating: &Creating,
+    ) -> ShimResult<CreateTaskResponse> {
         let bundle_dir = PathBuf::from(&req.bundle);
         let b = Bundle::load(&bundle_dir).map_err(|e| ShimError::InvalidArgument(e.to_string()))?;
         let role = Role::from_annotations(b.spec.annotations().as_ref());
@@ -180,13 +205,13 @@ impl Inner {
             let vm = match existing {
                 Some(vm) => vm,
                 None => {
-                    let vm = Arc::new(self.boot_vm(&req, &b, &role).await?);
+                    let vm = Arc::new(self.boot_vm(req, &b, &role).await?);
                     *vm_slot = Some(Arc::clone(&vm));
                     vm
                 }
             };
             let c = self
-                .create_in_vm(&req, &b, &role, &vm, mounted.clone())
+                .create_in_vm(req, &b, &role, &vm, mounted.clone())
                 .await?;
             Ok::<_, ShimError>((vm, c))
         }
@@ -206,7 +231,24 @@ impl Inner {
                 return Err(e);
             }
         };
+        if !creating.finish() {
+            // Killed or deleted while it was being made (its caller is gone, e.g. containerd
+            // restarted): undo it all, and leave an exited task for the Delete.
+            if booted_here {
+                vm_slot.take();
+            }
+            drop(vm_slot);
+            self.discard(&container).await;
+            let exit = Exit::now(128 + libc::SIGKILL as u32);
+            self.creates.cancelled(creating, exit);
+            tracing::info!(id = %req.id, "create cancelled by a Kill or Delete; everything it made is released");
+            return Err(ShimError::FailedPrecondition(format!(
+                "container {}: killed or deleted while it was being created",
+                req.id
+            )));
+        }
         lock(&self.containers).insert(req.id.clone(), Arc::clone(&container));
+        self.creates.end(&req.id, creating);
         drop(vm_slot);
         tracing::info!(id = %req.id, pod = vm.is_pod, "container created");
 
@@ -635,7 +677,28 @@ impl Inner {
         }
     }
 
-    async fn delete(&self, req: DeleteRequest) -> ShimResult<DeleteResponse> {
+    async fn delete(self: &Arc<Self>, req: DeleteRequest) -> ShimResult<DeleteResponse> {
+        if let Some(creating) = self.create_in_progress(&req.id, &req.exec_id).await {
+            // Deleting a task whose create still runs undoes the create (a held init would
+            // be killed by the removal too); wait for that.
+            creating.cancel();
+            if let Phase::Cancelled(exit) = creating.settled().await {
+                self.creates.remove(&req.id);
+                let event = TaskDelete {
+                    container_id: req.id.clone(),
+                    pid: host_pid(),
+                    exit_status: exit.status,
+                    exited_at: Some(exit.timestamp()).into(),
+                    id: req.id.clone(),
+                    ..Default::default()
+                };
+                self.events
+                    .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event))
+                    .await;
+                Arc::clone(self).exit_when_idle();
+                return Ok(delete_response(exit));
+            }
+        }
         let (c, p) = self.process(&req.id, &req.exec_id).await?;
         let exit = match p.status() {
             Status::Exited(e) => e,
@@ -658,17 +721,7 @@ impl Inner {
             return Ok(delete_response(exit));
         }
 
-        c.set_deleted();
-        // The VM's own container takes the VM with it: removing it in the guest first
-        // would only spend the delete's time (containerd allows 10 s) on a guest that may
-        // be slow or hung.
-        if !c.owns_vm()
-            && let Err(e) = c.sandbox().client().remove_container(&c.id).await
-            && !c.sandbox().is_stopped()
-        {
-            tracing::warn!("removing container {} in the VM: {e}", c.id);
-        }
-        self.release(&c).await;
+        self.discard(&c).await;
         if c.owns_vm() {
             // With the VM gone this shim serves nothing. containerd sends Shutdown right
             // after the delete; if it gave up on a slow delete it never does, and the shim
@@ -699,6 +752,49 @@ impl Inner {
         Ok(delete_response(exit))
     }
 
+    /// Marks `c` deleted and removes it: from the VM, and its host side (`release`).
+    async fn discard(&self, c: &Container) {
+        c.set_deleted();
+        // The VM's own container takes the VM with it: removing it in the guest first
+        // would only spend the delete's time (containerd allows 10 s) on a guest that may
+        // be slow or hung.
+        if !c.owns_vm()
+            && let Err(e) = c.sandbox().client().remove_container(&c.id).await
+            && !c.sandbox().is_stopped()
+        {
+            tracing::warn!("removing container {} in the VM: {e}", c.id);
+        }
+        self.release(c).await;
+    }
+
+    /// The create of task `id` (an init, `exec_id` empty) when it is still registered as a
+    /// create (in progress, or cancelled and not yet deleted) and not as a container.
+    async fn create_in_progress(&self, id: &str, exec_id: &str) -> Option<Arc<Creating>> {
+        if !exec_id.is_empty() || self.container(id).await.is_ok() {
+            return None;
+        }
+        self.creates.get(id)
+    }
+
+    /// A shim with nothing to serve (its create failed or was undone, and no container or
+    /// create is left) exits after a grace period: containerd sends Shutdown after such a
+    /// failure, but a containerd that restarted during the create never does.
+    fn exit_when_idle(self: Arc<Self>) {
+        tokio::spawn(async move {
+            tokio::time::sleep(ORPHAN_GRACE).await;
+            let idle = lock(&self.containers).is_empty()
+                && !self.creates.any_in_progress()
+                && self.vm.try_lock().is_ok_and(|vm| vm.is_none());
+            if idle {
+                tracing::warn!(
+                    shim = %self.shim_id,
+                    "nothing to serve {ORPHAN_GRACE:?} after a failed or undone create, and no Shutdown; exiting"
+                );
+                self.exit.signal();
+            }
+        });
+    }
+
     /// Releases a deleted container's host side: its share in the VM's shared folder, its
     /// rootfs mount and files in the bundle; the VM with it when the container made it.
     /// Idempotent.
@@ -720,6 +816,24 @@ impl Inner {
     }
 
     async fn kill(&self, req: KillRequest) -> ShimResult<()> {
+        if let Some(creating) = self.create_in_progress(&req.id, &req.exec_id).await
+            && req.signal != 0
+        {
+            // A held init dies of any signal it gets: undo the create.
+            match creating.phase() {
+                Phase::Cancelled(_) => {
+                    return Err(ShimError::NotFound(format!(
+                        "container {}: process already finished",
+                        req.id
+                    )));
+                }
+                _ if creating.cancel() => {
+                    tracing::info!(id = %req.id, "killed while being created: the create is undone");
+                    return Ok(());
+                }
+                _ => {}
+            }
+        }
         let (c, p) = self.process(&req.id, &req.exec_id).await?;
         match p.status() {
             Status::Exited(_) => {
@@ -791,6 +905,32 @@ impl Inner {
     }
 
     async fn state(&self, req: StateRequest) -> ShimResult<StateResponse> {
+        if let Some(creating) = self.create_in_progress(&req.id, &req.exec_id).await {
+            let mut resp = StateResponse {
+                id: req.id.clone(),
+                bundle: creating.bundle.clone(),
+                pid: host_pid(),
+                stdin: creating.stdin.clone(),
+                stdout: creating.stdout.clone(),
+                stderr: creating.stderr.clone(),
+                terminal: creating.terminal,
+                ..Default::default()
+            };
+            match creating.phase() {
+                Phase::InProgress { .. } => {
+                    resp.status = TaskStatus::CREATED.into();
+                    return Ok(resp);
+                }
+                Phase::Cancelled(e) => {
+                    resp.exit_status = e.status;
+                    resp.exited_at = Some(e.timestamp()).into();
+                    resp.status = TaskStatus::STOPPED.into();
+                    return Ok(resp);
+                }
+                // Registered meanwhile (or failed): as any container.
+                Phase::Ended => {}
+            }
+        }
         let (c, p) = self.process(&req.id, &req.exec_id).await?;
         let mut resp = StateResponse {
             id: if p.exec_id.is_empty() {
@@ -827,11 +967,14 @@ impl Inner {
             .filter(|c| !c.is_deleted())
             .cloned()
             .collect();
-        if !live.is_empty() {
+        if !live.is_empty() || self.creates.any_in_progress() {
             if !req.now {
-                // containerd asks after every delete; live containers keep the shim.
+                // containerd asks after every delete; live containers (and creates still
+                // running) keep the shim.
                 return Ok(());
             }
+            // A cancelled create undoes itself; taking the VM below waits for it.
+            self.creates.cancel_all();
             for c in &live {
                 c.set_deleted();
                 self.release(c).await;
@@ -900,12 +1043,18 @@ impl Task for Service {
         req: CreateTaskRequest,
     ) -> TtrpcResult<CreateTaskResponse> {
         tracing::info!(id = %req.id, bundle = %req.bundle, "Create");
-        self.inner.create(req).await.map_err(log_err("Create"))
+        let inner = Arc::clone(&self.inner);
+        detached(async move { inner.create(req).await })
+            .await
+            .map_err(log_err("Create"))
     }
 
     async fn start(&self, _ctx: &TtrpcContext, req: StartRequest) -> TtrpcResult<StartResponse> {
         tracing::info!(id = %req.id, exec_id = %req.exec_id, "Start");
-        self.inner.start(req).await.map_err(log_err("Start"))
+        let inner = Arc::clone(&self.inner);
+        detached(async move { inner.start(req).await })
+            .await
+            .map_err(log_err("Start"))
     }
 
     async fn state(&self, _ctx: &TtrpcContext, req: StateRequest) -> TtrpcResult<StateResponse> {
@@ -913,6 +1062,15 @@ impl Task for Service {
     }
 
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> TtrpcResult<WaitResponse> {
+        if let Some(creating) = self.inner.create_in_progress(&req.id, &req.exec_id).await
+            && let Phase::Cancelled(exit) = creating.settled().await
+        {
+            return Ok(WaitResponse {
+                exit_status: exit.status,
+                exited_at: Some(exit.timestamp()).into(),
+                ..Default::default()
+            });
+        }
         let (_, p) = self.inner.process(&req.id, &req.exec_id).await?;
         let exit = p.wait().await;
         Ok(WaitResponse {
@@ -924,17 +1082,22 @@ impl Task for Service {
 
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> TtrpcResult<Empty> {
         tracing::info!(id = %req.id, exec_id = %req.exec_id, signal = req.signal, all = req.all, "Kill");
-        empty(self.inner.kill(req).await)
+        let inner = Arc::clone(&self.inner);
+        empty(detached(async move { inner.kill(req).await }).await)
     }
 
     async fn delete(&self, _ctx: &TtrpcContext, req: DeleteRequest) -> TtrpcResult<DeleteResponse> {
         tracing::info!(id = %req.id, exec_id = %req.exec_id, "Delete");
-        self.inner.delete(req).await.map_err(log_err("Delete"))
+        let inner = Arc::clone(&self.inner);
+        detached(async move { inner.delete(req).await })
+            .await
+            .map_err(log_err("Delete"))
     }
 
     async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> TtrpcResult<Empty> {
         tracing::info!(id = %req.id, exec_id = %req.exec_id, "Exec");
-        empty(self.inner.exec(req).await)
+        let inner = Arc::clone(&self.inner);
+        empty(detached(async move { inner.exec(req).await }).await)
     }
 
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> TtrpcResult<PidsResponse> {
@@ -1089,8 +1252,21 @@ impl Task for Service {
 
     async fn shutdown(&self, _ctx: &TtrpcContext, req: ShutdownRequest) -> TtrpcResult<Empty> {
         tracing::info!(now = req.now, "Shutdown");
-        empty(self.inner.shutdown(req).await)
+        let inner = Arc::clone(&self.inner);
+        empty(detached(async move { inner.shutdown(req).await }).await)
     }
+}
+
+/// Runs a handler's work as a task of its own. ttrpc drops a handler's future when the
+/// client's connection closes (containerd restarting, or dying): a create dropped at an
+/// await point half-way through booting leaked its VM, shares, mounts, tap and cgroup, and
+/// stayed "in progress" for good. Detached, the work always ends, and ends cleanly.
+async fn detached<T: Send + 'static>(
+    work: impl std::future::Future<Output = ShimResult<T>> + Send + 'static,
+) -> ShimResult<T> {
+    tokio::spawn(work)
+        .await
+        .map_err(|e| ShimError::Internal(anyhow::anyhow!("the request's task failed: {e}")))?
 }
 
 fn log_err(rpc: &'static str) -> impl Fn(ShimError) -> ttrpc::Error {
