@@ -218,9 +218,10 @@ impl BlockBackend {
 impl QueueHandler for BlockBackend {
     fn process(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = crate::devices::virtio::chain::pop(queue, mem) {
             let head = chain.head_index();
-            // The chain iterator stops after `queue size` descriptors, bounding this.
+            // The chain iterator stops after `queue size` descriptors (`chain::pop` refuses
+            // indirect tables, which would allow 65,535), bounding this.
             let descs: Vec<Descriptor> = chain.collect();
             let len = self.handle_chain(mem, &descs);
             if let Err(e) = queue.add_used(mem, head, len) {

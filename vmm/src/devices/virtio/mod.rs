@@ -19,6 +19,8 @@ pub mod fs;
 pub mod net;
 pub mod rng;
 pub mod vsock;
+// Taking chains off a queue (refusing indirect descriptors), for the devices above.
+pub mod chain;
 // Worker-thread plumbing shared by the devices above.
 mod worker;
 // Rate-limited warnings for what the guest can trigger.

@@ -73,7 +73,7 @@ impl RngBackend {
 impl QueueHandler for RngBackend {
     fn process(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = crate::devices::virtio::chain::pop(queue, mem) {
             let head = chain.head_index();
             let len = Self::fill(mem, chain);
             if let Err(e) = queue.add_used(mem, head, len) {

@@ -153,7 +153,7 @@ impl NetBackend {
     /// Sends every frame the guest queued; returns whether used entries were added.
     pub(crate) fn process_tx(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        while let Some(chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(chain) = crate::devices::virtio::chain::pop(queue, mem) {
             let head = chain.head_index();
             match self.read_tx_chain(mem, chain) {
                 Ok(len) => self.send(len),
@@ -246,7 +246,7 @@ impl NetBackend {
                 },
             };
             self.rx_pending = Some(len);
-            let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(chain) = crate::devices::virtio::chain::pop(queue, mem) else {
                 self.rx_starved = true;
                 break;
             };

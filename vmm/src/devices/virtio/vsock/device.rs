@@ -282,7 +282,7 @@ impl VsockWorker {
     /// event buffer if the driver has none posted yet.
     fn send_transport_reset(&mut self) {
         let evq = &mut self.queues[EVQ];
-        let Some(chain) = evq.pop_descriptor_chain(&self.mem) else {
+        let Some(chain) = crate::devices::virtio::chain::pop(evq, &self.mem) else {
             debug!("vsock: no event buffer for the transport reset yet");
             return;
         };

@@ -480,7 +480,7 @@ impl Muxer {
     /// Consumes the TX queue. Returns whether used entries were added.
     pub fn process_tx(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        while let Some(mut chain) = queue.pop_descriptor_chain(mem) {
+        while let Some(mut chain) = crate::devices::virtio::chain::pop(queue, mem) {
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_TX_PAYLOAD) {
                 Ok(pkt) => {
@@ -614,7 +614,7 @@ impl Muxer {
         let mut used = false;
         self.rx_starved = false;
         while self.has_rx_work() {
-            let Some(mut chain) = queue.pop_descriptor_chain(mem) else {
+            let Some(mut chain) = crate::devices::virtio::chain::pop(queue, mem) else {
                 self.rx_starved = true;
                 break;
             };
