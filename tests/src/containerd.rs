@@ -40,6 +40,20 @@ pub fn containerd_missing_reason() -> Option<String> {
     None
 }
 
+/// Whether `test` must skip for want of containerd or of root (printing why).
+pub fn skip_without_containerd(test: &str) -> bool {
+    if let Some(reason) = containerd_missing_reason() {
+        eprintln!("SKIPPED {test}: {reason}");
+        return true;
+    }
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("SKIPPED {test}: containerd and the shim's rootfs mounts need root");
+        return true;
+    }
+    false
+}
+
 pub fn find_on_path(name: &str) -> Option<PathBuf> {
     let path = std::env::var_os("PATH")?;
     std::env::split_paths(&path)

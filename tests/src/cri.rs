@@ -602,6 +602,17 @@ impl CriHarness {
             .unwrap_or_default()
     }
 
+    /// Fails a test: `what` and `detail`, then the tail of containerd's log (with the
+    /// shims') and of the guest consoles file `console` (written with HUSK_TEST_CONSOLE=1).
+    pub fn fail_with_logs(&self, what: &str, detail: &str, console: &Path) -> ! {
+        panic!(
+            "{what}: {detail}\n--- containerd log (with the shims') ---\n{}\n\
+             --- guest consoles (HUSK_TEST_CONSOLE=1) ---\n{}",
+            self.log_tail(150),
+            file_tail(console, 60)
+        )
+    }
+
     /// A pod config: metadata, hostname, a log directory in the test dir, a cgroup parent
     /// under the test's cgroup, the default Linux security context (pod network, IPC
     /// namespaces; a PID namespace per container) and DNS settings (`pod_dns(name)`).
@@ -1021,6 +1032,30 @@ pub fn file_tail(path: &Path, lines: usize) -> String {
     let text = std::fs::read_to_string(path).unwrap_or_default();
     let all: Vec<&str> = text.lines().collect();
     all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+/// The husk config of a CRI test in `work`: the guest image plus `extra`, and with
+/// `HUSK_TEST_CONSOLE` set the guests' consoles and agent logs appended to `console`.
+/// Writes `work/husk.toml`; returns its path and the folder of the (built) husk shim.
+pub fn husk_shim_setup(
+    work: &Path,
+    image: &crate::GuestImage,
+    extra: &str,
+    console: &Path,
+) -> Result<(PathBuf, PathBuf)> {
+    let mut extra = extra.to_owned();
+    if std::env::var_os("HUSK_TEST_CONSOLE").is_some() {
+        extra.push_str(&format!(
+            "guest_console = {:?}\nkernel_cmdline = \"husk.agent_log=info\"\n",
+            console.display().to_string()
+        ));
+    }
+    let config = work.join("husk.toml");
+    std::fs::write(&config, crate::husk_cli::Husk::guest_config(image, &extra))
+        .with_context(|| format!("writing {}", config.display()))?;
+    let shim = crate::workspace::binary(HUSK_SHIM).context("building the shim")?;
+    let shim_dir = shim.parent().context("the shim's folder")?.to_path_buf();
+    Ok((config, shim_dir))
 }
 
 /// Parses a CRI container log (`<RFC 3339 time> <stdout|stderr> <F|P> <text>` per line)

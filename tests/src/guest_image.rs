@@ -42,6 +42,23 @@ impl GuestImage {
         Self::parse_build_output(&String::from_utf8_lossy(&out.stdout))?.checked()
     }
 
+    /// For a VM test: the image, or `None` after printing why `test` skips (no usable
+    /// /dev/kvm, or no guest image).
+    pub fn or_skip(test: &str) -> Option<Self> {
+        if crate::host::skip_without_kvm(test) {
+            return None;
+        }
+        match Self::locate_or_build() {
+            Ok(i) => Some(i),
+            Err(e) => {
+                eprintln!(
+                    "SKIPPED {test}: no guest image ({e:#}); build it with guest-image/build.sh"
+                );
+                None
+            }
+        }
+    }
+
     /// Reads the `HUSK_KERNEL=` and `HUSK_INITRAMFS=` lines build.sh prints on stdout.
     pub fn parse_build_output(stdout: &str) -> Result<Self> {
         let value = |key: &str| {

@@ -1,7 +1,10 @@
 //! The `husk` CLI driven like runc's callers drive runc, on one container (one VM boot):
 //! create → state created → duplicate create refused → start → running → exec → ps →
 //! pause/resume → update → events --stats → kill → stopped → delete (twice), with the pid
-//! file, host-side hooks, and the host cgroup with the spec's CPU and pids limits.
+//! file, host-side hooks, and the host cgroup with the spec's CPU and pids limits. Its
+//! init traps USR1, USR2 and TERM as a shell script does (each trap must run, and TERM's
+//! ends the container, as with runc), and has rlimits whose soft and hard values differ
+//! (each must be exactly what the spec says).
 
 use std::time::Duration;
 
@@ -34,10 +37,23 @@ fn full_lifecycle_in_one_vm() {
         &[
             "sh",
             "-c",
-            "echo init-out; read line; echo init-got-$line; sleep 1000",
+            // Traps run once the shell's `wait` is interrupted (a foreground sleep would
+            // hold them back until it ends).
+            "trap 'echo got-USR1' USR1; trap 'echo got-USR2' USR2; \
+             trap 'echo got-TERM; exit 0' TERM; \
+             echo init-out; read line; echo init-got-$line; \
+             while :; do sleep 1000 & wait $!; done",
         ],
         true,
     );
+    // Soft below hard, for several types: a runtime that sets both to the hard value (or
+    // drops the soft one) shows here.
+    config["process"]["rlimits"] = json!([
+        {"type": "RLIMIT_NOFILE", "soft": 3000, "hard": 4000},
+        {"type": "RLIMIT_NPROC", "soft": 500, "hard": 600},
+        {"type": "RLIMIT_CORE", "soft": 0, "hard": 1048576},
+        {"type": "RLIMIT_STACK", "soft": 4194304, "hard": 16777216},
+    ]);
     // A host cgroup with CPU and pids limits (a quota of two CPUs, so a slow guest is not
     // throttled; the annotation keeps the VM at one vCPU, which the quota would raise).
     let cgroup = format!("husk-test-life-{}", std::process::id());
@@ -165,6 +181,30 @@ fn full_lifecycle_in_one_vm() {
     );
     assert_eq!(String::from_utf8_lossy(&o.stdout), "exec-out-42\n");
 
+    // the init's rlimits, soft and hard, as the spec says
+    let o = husk
+        .output(&["exec", "life", "cat", "/proc/1/limits"])
+        .expect("exec cat limits");
+    let limits = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        o.status.success(),
+        "{limits} {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    for (name, soft, hard) in [
+        ("Max open files", "3000", "4000"),
+        ("Max processes", "500", "600"),
+        ("Max core file size", "0", "1048576"),
+        ("Max stack size", "4194304", "16777216"),
+    ] {
+        let line = limits
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_else(|| panic!("no {name:?} in {limits}"));
+        let fields: Vec<&str> = line[name.len()..].split_whitespace().collect();
+        assert_eq!(&fields[..2], [soft, hard], "{line}");
+    }
+
     // exec of a missing command fails at once, with the agent's message shown once
     let o = husk
         .output(&["exec", "life", "/nonexistent-cmd"])
@@ -256,16 +296,35 @@ fn full_lifecycle_in_one_vm() {
         created.stdout()
     );
 
-    // kill → stopped, the monitor is gone
-    let o = husk.output(&["kill", "life", "KILL"]).expect("kill");
-    assert!(
-        o.status.success(),
-        "kill: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    // trapped signals: USR1 and USR2 run their traps and the container goes on; TERM runs
+    // its trap, which ends the container (`kill` with no signal sends TERM, as runc's)
+    for (args, line) in [
+        (&["kill", "life", "USR1"][..], "got-USR1"),
+        (&["kill", "life", "SIGUSR2"][..], "got-USR2"),
+        (&["kill", "life"][..], "got-TERM"),
+    ] {
+        let o = husk.output(args).expect("kill");
+        assert!(
+            o.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let deadline = std::time::Instant::now() + STEP;
+        while !created.stdout().contains(line) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        assert!(
+            created.stdout().contains(line),
+            "{args:?}: the trap did not run: {:?}",
+            created.stdout()
+        );
+        if line != "got-TERM" {
+            assert_eq!(husk.state("life").expect("state")["status"], "running");
+        }
+    }
     let st = husk
         .wait_status("life", "stopped", STEP)
-        .expect("stopped after kill");
+        .expect("stopped after its TERM trap exited");
     assert_eq!(st["pid"], 0);
     let deadline = std::time::Instant::now() + STEP;
     while pid_alive(pid) && std::time::Instant::now() < deadline {

@@ -36,7 +36,7 @@ use std::time::{Duration, Instant};
 
 use husk_tests::cri::{
     BUSYBOX_IMAGE, CriHarness, HUSK_HANDLER, HUSK_SHIM, PAUSE_IMAGE, Pod, RUNC_HANDLER, RUNC_SHIM,
-    cri_missing_reason, fib_trie_has_local, file_tail, parse_cri_log, pod_dns, tap_devices,
+    cri_missing_reason, fib_trie_has_local, parse_cri_log, pod_dns, tap_devices,
 };
 use husk_tests::host::skip_without_kvm;
 use husk_tests::husk_cli::Husk;
@@ -176,14 +176,7 @@ fn cri_pods_run_in_husk_vms() {
         .expect("starting containerd with the CRI plugin");
     steps.done("containerd with CRI up, images imported");
 
-    let fail = |what: &str, detail: &str| -> ! {
-        panic!(
-            "{what}: {detail}\n--- containerd log (with the shims') ---\n{}\n\
-             --- guest consoles (HUSK_TEST_CONSOLE=1) ---\n{}",
-            h.log_tail(80),
-            file_tail(&console, 40)
-        )
-    };
+    let fail = |what: &str, detail: &str| -> ! { h.fail_with_logs(what, detail, &console) };
     let check = |cond: bool, what: &str, detail: String| {
         if !cond {
             fail(what, &detail)

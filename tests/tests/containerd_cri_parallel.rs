@@ -21,13 +21,13 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use husk_tests::BusyboxImage;
 use husk_tests::cri::{
     CriHarness, HUSK_HANDLER, HUSK_SHIM, StartedPod, cri_missing_reason, fib_trie_has_local,
-    file_tail, pod_dns,
+    husk_shim_setup, pod_dns,
 };
-use husk_tests::husk_cli::{Husk, virtiofs_setup};
+use husk_tests::husk_cli::virtiofs_setup;
 use husk_tests::proc_stats::command_lines;
-use husk_tests::{BusyboxImage, workspace};
 use k8s_cri::v1::{ContainerState, PodSandboxState};
 
 const NAME: &str = "cri_pods_start_concurrently";
@@ -158,16 +158,8 @@ fn cri_pods_start_concurrently() {
         "template = \"auto\"\ntemplate_dir = {:?}\n",
         work.path().join("templates").display().to_string()
     ));
-    if std::env::var_os("HUSK_TEST_CONSOLE").is_some() {
-        extra.push_str(&format!(
-            "guest_console = {:?}\nkernel_cmdline = \"husk.agent_log=info\"\n",
-            console.display().to_string()
-        ));
-    }
-    let config = work.path().join("husk.toml");
-    std::fs::write(&config, Husk::guest_config(&image, &extra)).expect("husk.toml");
-    let shim = workspace::binary(HUSK_SHIM).expect("building the shim");
-    let shim_dir = shim.parent().expect("shim folder").to_path_buf();
+    let (config, shim_dir) =
+        husk_shim_setup(work.path(), &image, &extra, &console).expect("husk config and shim");
     eprintln!("{n} pods at once; husk config {}", config.display());
 
     let t0 = Instant::now();
@@ -183,14 +175,7 @@ fn cri_pods_start_concurrently() {
         t0.elapsed().as_secs_f64()
     );
 
-    let fail = |what: &str, detail: &str| -> ! {
-        panic!(
-            "{what}: {detail}\n--- containerd log (with the shims') ---\n{}\n\
-             --- guest consoles (HUSK_TEST_CONSOLE=1) ---\n{}",
-            h.log_tail(150),
-            file_tail(&console, 60)
-        )
-    };
+    let fail = |what: &str, detail: &str| -> ! { h.fail_with_logs(what, detail, &console) };
     let check = |cond: bool, what: &str, detail: String| {
         if !cond {
             fail(what, &detail)

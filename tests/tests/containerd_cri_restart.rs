@@ -24,12 +24,10 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use husk_tests::cri::{
-    CriHarness, HUSK_HANDLER, HUSK_SHIM, Pod, cri_missing_reason, file_tail, parse_cri_log,
+    CriHarness, HUSK_HANDLER, HUSK_SHIM, Pod, cri_missing_reason, husk_shim_setup, parse_cri_log,
 };
-use husk_tests::host::skip_without_kvm;
-use husk_tests::husk_cli::Husk;
 use husk_tests::podman::find_virtiofsd;
-use husk_tests::{BusyboxImage, GuestImage, workspace};
+use husk_tests::{BusyboxImage, GuestImage};
 use k8s_cri::v1::{ContainerState, PodSandboxState};
 
 const NAME: &str = "containerd_restarts_mid_call_leak_nothing";
@@ -82,15 +80,8 @@ fn containerd_restarts_mid_call_leak_nothing() {
         eprintln!("SKIPPED {NAME}: {reason}");
         return;
     }
-    if skip_without_kvm(NAME) {
+    let Some(image) = GuestImage::or_skip(NAME) else {
         return;
-    }
-    let image = match GuestImage::locate_or_build() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("SKIPPED {NAME}: no guest image ({e:#}); build it with guest-image/build.sh");
-            return;
-        }
     };
     let work = tempfile::Builder::new()
         .prefix("husk-cri-restart-")
@@ -98,7 +89,7 @@ fn containerd_restarts_mid_call_leak_nothing() {
         .expect("temp dir");
     let console = work.path().join("console.log");
     // Templates as on a real node (the first pod builds one) where virtio-fs is there.
-    let mut extra = match find_virtiofsd() {
+    let extra = match find_virtiofsd() {
         Some(v) => format!(
             "rootfs_mode = \"virtiofs\"\nvirtiofsd = {:?}\ntemplate = \"auto\"\ntemplate_dir = {:?}\n",
             v.display().to_string(),
@@ -106,16 +97,8 @@ fn containerd_restarts_mid_call_leak_nothing() {
         ),
         None => "rootfs_mode = \"block\"\ntemplate = \"off\"\n".into(),
     };
-    if std::env::var_os("HUSK_TEST_CONSOLE").is_some() {
-        extra.push_str(&format!(
-            "guest_console = {:?}\nkernel_cmdline = \"husk.agent_log=info\"\n",
-            console.display().to_string()
-        ));
-    }
-    let config = work.path().join("husk.toml");
-    std::fs::write(&config, Husk::guest_config(&image, &extra)).expect("husk.toml");
-    let shim = workspace::binary(HUSK_SHIM).expect("building the shim");
-    let shim_dir = shim.parent().expect("shim folder").to_path_buf();
+    let (config, shim_dir) =
+        husk_shim_setup(work.path(), &image, &extra, &console).expect("husk config and shim");
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
     let busybox = BusyboxImage::build().expect("busybox rootfs");
@@ -127,14 +110,7 @@ fn containerd_restarts_mid_call_leak_nothing() {
     .expect("starting containerd with the CRI plugin");
     step("containerd with CRI up, images imported");
 
-    let fail = |what: &str, detail: &str| -> ! {
-        panic!(
-            "{what}: {detail}\n--- containerd log (with the shims') ---\n{}\n\
-             --- guest consoles (HUSK_TEST_CONSOLE=1) ---\n{}",
-            h.log_tail(120),
-            file_tail(&console, 60)
-        )
-    };
+    let fail = |what: &str, detail: &str| -> ! { h.fail_with_logs(what, detail, &console) };
     let check = |cond: bool, what: &str, detail: String| {
         if !cond {
             fail(what, &detail)

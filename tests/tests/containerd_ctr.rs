@@ -24,12 +24,9 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use husk_tests::containerd::{
-    Containerd, build_oci_image, containerd_missing_reason, find_on_path,
-};
+use husk_tests::containerd::{Containerd, build_oci_image, find_on_path, skip_without_containerd};
 use husk_tests::containerd_events::EventLog;
 use husk_tests::cri::mounts_under;
-use husk_tests::host::skip_without_kvm;
 use husk_tests::{BusyboxImage, GuestImage, workspace};
 
 const IMAGE: &str = "docker.io/husk/busybox:test";
@@ -66,24 +63,11 @@ fn shims_of(id: &str) -> Vec<u32> {
 #[test]
 fn ctr_runs_containers_in_husk_vms() {
     const NAME: &str = "ctr_runs_containers_in_husk_vms";
-    if skip_without_kvm(NAME) {
+    if skip_without_containerd(NAME) {
         return;
     }
-    if let Some(reason) = containerd_missing_reason() {
-        eprintln!("SKIPPED {NAME}: {reason}");
+    let Some(image) = GuestImage::or_skip(NAME) else {
         return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED {NAME}: containerd and the shim's rootfs mounts need root");
-        return;
-    }
-    let image = match GuestImage::locate_or_build() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("SKIPPED {NAME}: no guest image ({e:#}); build it with guest-image/build.sh");
-            return;
-        }
     };
     let started = Instant::now();
     let shim = workspace::binary(SHIM).expect("building the shim");

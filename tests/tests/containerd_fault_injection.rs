@@ -17,11 +17,10 @@ use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use husk_tests::containerd::{
-    Containerd, NAMESPACE, build_oci_image, containerd_missing_reason, shims_of,
+    Containerd, NAMESPACE, build_oci_image, shims_of, skip_without_containerd,
 };
 use husk_tests::cri::mounts_under;
 use husk_tests::fault::{self, Durations, Rng, env_number};
-use husk_tests::host::skip_without_kvm;
 use husk_tests::husk_cli::processes_mentioning;
 use husk_tests::podman::find_virtiofsd;
 use husk_tests::{BusyboxImage, GuestImage, workspace};
@@ -160,28 +159,15 @@ fn write_config(path: &Path, base: &str, cold: bool) {
 #[test]
 fn sigkill_at_random_points_through_containerd_leaves_nothing() {
     const NAME: &str = "sigkill_at_random_points_through_containerd_leaves_nothing";
-    if skip_without_kvm(NAME) {
-        return;
-    }
-    if let Some(reason) = containerd_missing_reason() {
-        eprintln!("SKIPPED {NAME}: {reason}");
-        return;
-    }
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        eprintln!("SKIPPED {NAME}: containerd and the shim's rootfs mounts need root");
+    if skip_without_containerd(NAME) {
         return;
     }
     let Some(virtiofsd) = find_virtiofsd() else {
         eprintln!("SKIPPED {NAME}: virtiofsd not installed (scripts/install-deps.sh)");
         return;
     };
-    let image = match GuestImage::locate_or_build() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("SKIPPED {NAME}: no guest image ({e:#}); build it with guest-image/build.sh");
-            return;
-        }
+    let Some(image) = GuestImage::or_skip(NAME) else {
+        return;
     };
     let rounds = env_number("HUSK_FAULT_ROUNDS", 4) as usize;
     let seed = fault::seed();
