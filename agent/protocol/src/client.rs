@@ -23,16 +23,19 @@ use ttrpc::context::{self, Context};
 
 use crate::AGENT_VSOCK_PORT;
 use crate::agent::{
-    CheckRequest, CheckResponse, CloseStdinRequest, ConfigureNetworkRequest,
-    CreateContainerRequest, CreateContainerResponse, CreateSandboxRequest, CreateSandboxResponse,
-    DestroySandboxRequest, DestroySandboxResponse, ExecProcessRequest, ExecProcessResponse,
-    GetGuestDetailsRequest, GetGuestDetailsResponse, GetOOMEventRequest, ListProcessesRequest,
-    PauseContainerRequest, RemoveContainerRequest, RestoredRequest, ResumeContainerRequest,
-    SignalProcessRequest, StartContainerRequest, StatsContainerRequest, StatsContainerResponse,
-    TtyWinResizeRequest, UpdateContainerRequest, UpdateContainerResponse, WaitProcessRequest,
-    WaitProcessResponse,
+    CheckRequest, CheckResponse, CloseStdinRequest, CloseStdinResponse, ConfigureNetworkRequest,
+    ConfigureNetworkResponse, CreateContainerRequest, CreateContainerResponse,
+    CreateSandboxRequest, CreateSandboxResponse, DestroySandboxRequest, DestroySandboxResponse,
+    ExecProcessRequest, ExecProcessResponse, GetGuestDetailsRequest, GetGuestDetailsResponse,
+    GetOOMEventRequest, GetOOMEventResponse, ListProcessesRequest, ListProcessesResponse,
+    PauseContainerRequest, PauseContainerResponse, RemoveContainerRequest, RemoveContainerResponse,
+    RestoredRequest, RestoredResponse, ResumeContainerRequest, ResumeContainerResponse,
+    SignalProcessRequest, SignalProcessResponse, StartContainerRequest, StartContainerResponse,
+    StatsContainerRequest, StatsContainerResponse, TtyWinResizeRequest, TtyWinResizeResponse,
+    UpdateContainerRequest, UpdateContainerResponse, WaitProcessRequest, WaitProcessResponse,
 };
-use crate::agent_ttrpc::AgentServiceClient;
+/// The agent's ttrpc service (`package husk.agent.v1; service AgentService`).
+const AGENT_SERVICE: &str = "husk.agent.v1.AgentService";
 
 /// Longest handshake reply accepted, newline included. `OK 4294967295\n` is 14 bytes;
 /// the slack tolerates a VMM that adds a few spaces, nothing more.
@@ -333,7 +336,7 @@ pub async fn connect(target: &Target) -> Result<AgentClient, ClientError> {
     let socket = ttrpc::r#async::transport::Socket::new(stream);
     let client = ttrpc::r#async::Client::new(socket);
     Ok(AgentClient {
-        inner: AgentServiceClient::new(client),
+        rpc: client,
         target: target.clone(),
         rpc_timeout: DEFAULT_RPC_TIMEOUT,
     })
@@ -384,11 +387,12 @@ pub async fn connect_with_retry(
 }
 
 /// A connected agent client. Typed wrappers map failures to [`ClientError::Rpc`] naming
-/// the method and the target; [`AgentClient::raw`] gives the generated client for calls
-/// that have no wrapper yet.
+/// the method and the target. Replies are bounded before they are decoded
+/// ([`crate::reply_bound`]), which the generated client cannot do: calls go through
+/// [`AgentClient::call`].
 #[derive(Clone)]
 pub struct AgentClient {
-    inner: AgentServiceClient,
+    rpc: ttrpc::r#async::Client,
     target: Target,
     rpc_timeout: Duration,
 }
@@ -408,11 +412,6 @@ impl AgentClient {
         &self.target
     }
 
-    /// The generated ttrpc client.
-    pub fn raw(&self) -> &AgentServiceClient {
-        &self.inner
-    }
-
     /// Sets the timeout applied to each RPC made through the typed wrappers.
     pub fn with_rpc_timeout(mut self, timeout: Duration) -> Self {
         self.rpc_timeout = timeout;
@@ -421,6 +420,33 @@ impl AgentClient {
 
     fn ctx(&self) -> Context {
         context::with_duration(self.rpc_timeout)
+    }
+
+    /// One RPC of the agent's service: the request encoded, the reply's field count
+    /// checked against [`crate::reply_bound::MAX_REPLY_FIELDS`], then decoded.
+    async fn call<Req: protobuf::Message, Resp: protobuf::Message>(
+        &self,
+        method: &'static str,
+        ctx: Context,
+        req: &Req,
+    ) -> Result<Resp, ClientError> {
+        let fail = |e: String| self.rpc_error(method)(ttrpc::Error::Others(e));
+        let payload = req
+            .write_to_bytes()
+            .map_err(|e| fail(format!("encoding the request: {e}")))?;
+        let mut request = ttrpc::Request::new();
+        request.service = AGENT_SERVICE.to_owned();
+        request.method = method.to_owned();
+        request.timeout_nano = ctx.timeout_nano;
+        request.metadata = context::to_pb(ctx.metadata);
+        request.payload = payload;
+        let reply = self
+            .rpc
+            .request(request)
+            .await
+            .map_err(self.rpc_error(method))?;
+        crate::reply_bound::check(&reply.payload).map_err(|e| fail(e.to_string()))?;
+        Resp::parse_from_bytes(&reply.payload).map_err(|e| fail(format!("decoding the reply: {e}")))
     }
 
     fn rpc_error(&self, method: &'static str) -> impl FnOnce(ttrpc::Error) -> ClientError + '_ {
@@ -433,18 +459,18 @@ impl AgentClient {
 
     /// `Check`: health and agent version.
     pub async fn check(&self) -> Result<CheckResponse, ClientError> {
-        self.inner
-            .check(self.ctx(), &CheckRequest::new())
+        self.call::<_, CheckResponse>("Check", self.ctx(), &CheckRequest::new())
             .await
-            .map_err(self.rpc_error("Check"))
     }
 
     /// `GetGuestDetails`: kernel, memory, CPUs, boot id, uptime.
     pub async fn get_guest_details(&self) -> Result<GetGuestDetailsResponse, ClientError> {
-        self.inner
-            .get_guest_details(self.ctx(), &GetGuestDetailsRequest::new())
-            .await
-            .map_err(self.rpc_error("GetGuestDetails"))
+        self.call::<_, GetGuestDetailsResponse>(
+            "GetGuestDetails",
+            self.ctx(),
+            &GetGuestDetailsRequest::new(),
+        )
+        .await
     }
 
     /// [`restored`](Self::restored) with 64 bytes of the host's entropy and the host's
@@ -468,11 +494,9 @@ impl AgentClient {
         let mut req = RestoredRequest::new();
         req.entropy = entropy;
         req.realtime_ns = realtime_ns;
-        self.inner
-            .restored(self.ctx(), &req)
+        self.call::<_, RestoredResponse>("Restored", self.ctx(), &req)
             .await
             .map(|r| r.realtime_ns)
-            .map_err(self.rpc_error("Restored"))
     }
 
     /// `CreateSandbox`: hostname, DNS, shared mounts, sysctls; returns the sandbox dir.
@@ -480,10 +504,8 @@ impl AgentClient {
         &self,
         req: &CreateSandboxRequest,
     ) -> Result<CreateSandboxResponse, ClientError> {
-        self.inner
-            .create_sandbox(self.ctx(), req)
+        self.call::<_, CreateSandboxResponse>("CreateSandbox", self.ctx(), req)
             .await
-            .map_err(self.rpc_error("CreateSandbox"))
     }
 
     /// `CreateContainer`: the init is created and held; returns its pid.
@@ -491,21 +513,17 @@ impl AgentClient {
         &self,
         req: &CreateContainerRequest,
     ) -> Result<CreateContainerResponse, ClientError> {
-        self.inner
-            .create_container(self.ctx(), req)
+        self.call::<_, CreateContainerResponse>("CreateContainer", self.ctx(), req)
             .await
-            .map_err(self.rpc_error("CreateContainer"))
     }
 
     /// `StartContainer`: runs the user's program of a created container.
     pub async fn start_container(&self, container_id: &str) -> Result<(), ClientError> {
         let mut req = StartContainerRequest::new();
         req.container_id = container_id.to_owned();
-        self.inner
-            .start_container(self.ctx(), &req)
+        self.call::<_, StartContainerResponse>("StartContainer", self.ctx(), &req)
             .await
             .map(drop)
-            .map_err(self.rpc_error("StartContainer"))
     }
 
     /// `ExecProcess`: a new process in a running container; returns its pid.
@@ -513,10 +531,8 @@ impl AgentClient {
         &self,
         req: &ExecProcessRequest,
     ) -> Result<ExecProcessResponse, ClientError> {
-        self.inner
-            .exec_process(self.ctx(), req)
+        self.call::<_, ExecProcessResponse>("ExecProcess", self.ctx(), req)
             .await
-            .map_err(self.rpc_error("ExecProcess"))
     }
 
     /// `SignalProcess`: `exec_id` empty for the init; `all` for every process.
@@ -533,11 +549,9 @@ impl AgentClient {
         // Negative numbers become huge and the agent rejects them as not a signal.
         req.signal = signal as u32;
         req.all = all;
-        self.inner
-            .signal_process(self.ctx(), &req)
+        self.call::<_, SignalProcessResponse>("SignalProcess", self.ctx(), &req)
             .await
             .map(drop)
-            .map_err(self.rpc_error("SignalProcess"))
     }
 
     /// `WaitProcess`: waits for the exit with no RPC deadline (processes run for as long
@@ -550,54 +564,44 @@ impl AgentClient {
         let mut req = WaitProcessRequest::new();
         req.container_id = container_id.to_owned();
         req.exec_id = exec_id.to_owned();
-        self.inner
-            .wait_process(Context::default(), &req)
+        self.call::<_, WaitProcessResponse>("WaitProcess", Context::default(), &req)
             .await
-            .map_err(self.rpc_error("WaitProcess"))
     }
 
     /// `RemoveContainer`: kills what runs, removes mounts, cgroup and state.
     pub async fn remove_container(&self, container_id: &str) -> Result<(), ClientError> {
         let mut req = RemoveContainerRequest::new();
         req.container_id = container_id.to_owned();
-        self.inner
-            .remove_container(self.ctx(), &req)
+        self.call::<_, RemoveContainerResponse>("RemoveContainer", self.ctx(), &req)
             .await
             .map(drop)
-            .map_err(self.rpc_error("RemoveContainer"))
     }
 
     /// `ListProcesses`: guest pids of every process of the container, sorted.
     pub async fn list_processes(&self, container_id: &str) -> Result<Vec<u32>, ClientError> {
         let mut req = ListProcessesRequest::new();
         req.container_id = container_id.to_owned();
-        self.inner
-            .list_processes(self.ctx(), &req)
+        self.call::<_, ListProcessesResponse>("ListProcesses", self.ctx(), &req)
             .await
             .map(|r| r.pids)
-            .map_err(self.rpc_error("ListProcesses"))
     }
 
     /// `PauseContainer`: freezes the container's cgroup.
     pub async fn pause_container(&self, container_id: &str) -> Result<(), ClientError> {
         let mut req = PauseContainerRequest::new();
         req.container_id = container_id.to_owned();
-        self.inner
-            .pause_container(self.ctx(), &req)
+        self.call::<_, PauseContainerResponse>("PauseContainer", self.ctx(), &req)
             .await
             .map(drop)
-            .map_err(self.rpc_error("PauseContainer"))
     }
 
     /// `ResumeContainer`: thaws the container's cgroup.
     pub async fn resume_container(&self, container_id: &str) -> Result<(), ClientError> {
         let mut req = ResumeContainerRequest::new();
         req.container_id = container_id.to_owned();
-        self.inner
-            .resume_container(self.ctx(), &req)
+        self.call::<_, ResumeContainerResponse>("ResumeContainer", self.ctx(), &req)
             .await
             .map(drop)
-            .map_err(self.rpc_error("ResumeContainer"))
     }
 
     /// `UpdateContainer`: `resources_json` is an OCI `linux.resources` object.
@@ -609,10 +613,8 @@ impl AgentClient {
         let mut req = UpdateContainerRequest::new();
         req.container_id = container_id.to_owned();
         req.resources_json = resources_json;
-        self.inner
-            .update_container(self.ctx(), &req)
+        self.call::<_, UpdateContainerResponse>("UpdateContainer", self.ctx(), &req)
             .await
-            .map_err(self.rpc_error("UpdateContainer"))
     }
 
     /// `StatsContainer`: cgroup statistics.
@@ -622,20 +624,20 @@ impl AgentClient {
     ) -> Result<StatsContainerResponse, ClientError> {
         let mut req = StatsContainerRequest::new();
         req.container_id = container_id.to_owned();
-        self.inner
-            .stats_container(self.ctx(), &req)
+        self.call::<_, StatsContainerResponse>("StatsContainer", self.ctx(), &req)
             .await
-            .map_err(self.rpc_error("StatsContainer"))
     }
 
     /// `GetOOMEvent`: waits (no RPC deadline) for the next OOM kill; returns the
     /// container id.
     pub async fn get_oom_event(&self) -> Result<String, ClientError> {
-        self.inner
-            .get_oom_event(Context::default(), &GetOOMEventRequest::new())
-            .await
-            .map(|r| r.container_id)
-            .map_err(self.rpc_error("GetOOMEvent"))
+        self.call::<_, GetOOMEventResponse>(
+            "GetOOMEvent",
+            Context::default(),
+            &GetOOMEventRequest::new(),
+        )
+        .await
+        .map(|r| r.container_id)
     }
 
     /// `TtyWinResize` of a process started with a terminal.
@@ -651,11 +653,9 @@ impl AgentClient {
         req.exec_id = exec_id.to_owned();
         req.rows = rows;
         req.cols = cols;
-        self.inner
-            .tty_win_resize(self.ctx(), &req)
+        self.call::<_, TtyWinResizeResponse>("TtyWinResize", self.ctx(), &req)
             .await
             .map(drop)
-            .map_err(self.rpc_error("TtyWinResize"))
     }
 
     /// `CloseStdin`: the process reads EOF.
@@ -663,11 +663,9 @@ impl AgentClient {
         let mut req = CloseStdinRequest::new();
         req.container_id = container_id.to_owned();
         req.exec_id = exec_id.to_owned();
-        self.inner
-            .close_stdin(self.ctx(), &req)
+        self.call::<_, CloseStdinResponse>("CloseStdin", self.ctx(), &req)
             .await
             .map(drop)
-            .map_err(self.rpc_error("CloseStdin"))
     }
 
     /// `ConfigureNetwork`: the guest's interfaces (found by MAC) and routes.
@@ -675,19 +673,19 @@ impl AgentClient {
         &self,
         req: &ConfigureNetworkRequest,
     ) -> Result<(), ClientError> {
-        self.inner
-            .configure_network(self.ctx(), req)
+        self.call::<_, ConfigureNetworkResponse>("ConfigureNetwork", self.ctx(), req)
             .await
             .map(drop)
-            .map_err(self.rpc_error("ConfigureNetwork"))
     }
 
     /// `DestroySandbox`: the agent replies, then powers the VM off.
     pub async fn destroy_sandbox(&self) -> Result<DestroySandboxResponse, ClientError> {
-        self.inner
-            .destroy_sandbox(self.ctx(), &DestroySandboxRequest::new())
-            .await
-            .map_err(self.rpc_error("DestroySandbox"))
+        self.call::<_, DestroySandboxResponse>(
+            "DestroySandbox",
+            self.ctx(),
+            &DestroySandboxRequest::new(),
+        )
+        .await
     }
 }
 
@@ -941,5 +939,55 @@ mod tests {
             Target::hybrid_vsock("/v.sock").to_string(),
             "hvsock:///v.sock:1024"
         );
+    }
+
+    /// An agent that answers StatsContainer with 500,000 empty IoDeviceStats (1 MB on the
+    /// wire, a struct each once decoded), and ListProcesses honestly.
+    struct HostileAgent;
+
+    #[async_trait::async_trait]
+    impl crate::agent_ttrpc::AgentService for HostileAgent {
+        async fn stats_container(
+            &self,
+            _ctx: &ttrpc::r#async::TtrpcContext,
+            _req: StatsContainerRequest,
+        ) -> ttrpc::Result<StatsContainerResponse> {
+            let mut r = StatsContainerResponse::new();
+            r.io = vec![crate::agent::IoDeviceStats::new(); 500_000];
+            Ok(r)
+        }
+
+        async fn list_processes(
+            &self,
+            _ctx: &ttrpc::r#async::TtrpcContext,
+            _req: ListProcessesRequest,
+        ) -> ttrpc::Result<ListProcessesResponse> {
+            let mut r = ListProcessesResponse::new();
+            r.pids = vec![1, 7, 42];
+            Ok(r)
+        }
+    }
+
+    #[tokio::test]
+    async fn a_reply_with_too_many_fields_is_refused_undecoded() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("agent.sock");
+        let mut server = ttrpc::r#async::Server::new()
+            .bind(&format!("unix://{}", socket.display()))
+            .unwrap()
+            .register_service(crate::agent_ttrpc::create_agent_service(
+                std::sync::Arc::new(HostileAgent),
+            ));
+        server.start().await.unwrap();
+        let client = connect(&Target::unix(&socket)).await.unwrap();
+        // A normal reply through the same path.
+        assert_eq!(client.list_processes("c").await.unwrap(), [1, 7, 42]);
+        let err = client.stats_container("c").await.unwrap_err();
+        let shown = err.to_string();
+        assert!(
+            shown.contains("StatsContainer") && shown.contains("refused undecoded"),
+            "{shown}"
+        );
+        server.shutdown().await.unwrap();
     }
 }

@@ -47,6 +47,7 @@ pub mod agent_ttrpc {
 }
 
 pub mod client;
+pub mod reply_bound;
 pub mod stdio;
 
 pub use ttrpc;
