@@ -401,6 +401,19 @@ fn publish(mem: &GuestMemory, index: usize, n: u16) {
     }
 }
 
+/// The VMM runs in Rust binaries (husk, the shim, husk-vmm), whose runtime sets SIGPIPE to
+/// ignored before `main`: a write to a host socket whose peer left fails with EPIPE, which
+/// the muxer handles. libFuzzer's own `main` leaves the default (terminate), so without
+/// this the harness died of a signal the VMM never gets (found by the 120 s run of
+/// 2026-12-07: "vsock: killed by signal 13", no crash input).
+fn ignore_sigpipe_as_rust_binaries_do() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // SAFETY: installs SIG_IGN, no handler code runs.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_IGN) };
+    });
+}
+
 /// vsock through the muxer, on the calling thread: queue 0 is RX, queue 1 TX. After the
 /// guest part, `nops: u8` operations (at most [`MAX_OPS`]) of `kind: u8, arg: u8`:
 ///
@@ -418,6 +431,7 @@ fn publish(mem: &GuestMemory, index: usize, n: u16) {
 /// | 10 | host-initiated connections time out |
 /// | 11 | driver reset |
 pub fn vsock(data: &[u8]) {
+    ignore_sigpipe_as_rust_binaries_do();
     let mut input = Input::new(data);
     let (mem, queues) = read_guest(&mut input, 2);
     let Ok([mut rxq, mut txq]) = <[Queue; 2]>::try_from(queues) else {
