@@ -1187,59 +1187,53 @@ fn start_pod_on(
     container: &str,
     command: &(dyn Fn(&str) -> Vec<String> + Sync),
 ) -> ThreadOutcome {
-    let began = std::time::Instant::now();
-    let mut outcome = ThreadOutcome {
-        pod_id: None,
-        container_id: None,
-        result: Err(anyhow::anyhow!("not started")),
+    let (mut pod_id, mut container_id) = (None, None);
+    let mut start = || -> Result<StartedPod> {
+        let began = std::time::Instant::now();
+        let id = client
+            .run_pod_sandbox(&config, handler)
+            .with_context(|| format!("pod {name}: RunPodSandbox"))?;
+        pod_id = Some(id.clone());
+        let run_pod = began.elapsed();
+        let args = command(name);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        let t = std::time::Instant::now();
+        let cid = client
+            .create_container(
+                &id,
+                &CriHarness::container_config(container, &args),
+                &config,
+            )
+            .with_context(|| format!("pod {name} ({id}): CreateContainer"))?;
+        container_id = Some(cid.clone());
+        let create = t.elapsed();
+        let t = std::time::Instant::now();
+        client
+            .start_container(&cid)
+            .with_context(|| format!("pod {name} ({id}): StartContainer {cid}"))?;
+        let start = t.elapsed();
+        let log_dir = PathBuf::from(&config.log_directory);
+        Ok(StartedPod {
+            pod: Pod {
+                id,
+                name: name.to_owned(),
+                config: config.clone(),
+                log_dir,
+            },
+            container: cid,
+            began,
+            ended: std::time::Instant::now(),
+            run_pod,
+            create,
+            start,
+        })
     };
-    let id = match client.run_pod_sandbox(&config, handler) {
-        Ok(id) => id,
-        Err(e) => {
-            outcome.result = Err(e.context(format!("pod {name}: RunPodSandbox")));
-            return outcome;
-        }
-    };
-    outcome.pod_id = Some(id.clone());
-    let run_pod = began.elapsed();
-    let args = command(name);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let t = std::time::Instant::now();
-    let cid = match client.create_container(
-        &id,
-        &CriHarness::container_config(container, &args),
-        &config,
-    ) {
-        Ok(cid) => cid,
-        Err(e) => {
-            outcome.result = Err(e.context(format!("pod {name} ({id}): CreateContainer")));
-            return outcome;
-        }
-    };
-    outcome.container_id = Some(cid.clone());
-    let create = t.elapsed();
-    let t = std::time::Instant::now();
-    if let Err(e) = client.start_container(&cid) {
-        outcome.result = Err(e.context(format!("pod {name} ({id}): StartContainer {cid}")));
-        return outcome;
+    let result = start();
+    ThreadOutcome {
+        pod_id,
+        container_id,
+        result,
     }
-    let start = t.elapsed();
-    let log_dir = PathBuf::from(&config.log_directory);
-    outcome.result = Ok(StartedPod {
-        pod: Pod {
-            id,
-            name: name.to_owned(),
-            config,
-            log_dir,
-        },
-        container: cid,
-        began,
-        ended: std::time::Instant::now(),
-        run_pod,
-        create,
-        start,
-    });
-    outcome
 }
 
 #[cfg(test)]

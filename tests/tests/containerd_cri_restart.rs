@@ -50,18 +50,69 @@ fn wait_for(timeout: Duration, mut ready: impl FnMut() -> bool) -> bool {
     true
 }
 
-/// What the kubelet does with sandboxes after a restart: stops and removes every one that
-/// is not READY (its RunPodSandbox never returned). Returns the ids removed.
-fn remove_unready_sandboxes(h: &CriHarness) -> anyhow::Result<Vec<String>> {
+/// What the kubelet does with sandboxes after a restart that cut RunPodSandbox short: it
+/// never got an id, so it stops and removes every sandbox, READY or not (the call may have
+/// completed inside containerd before it stopped). Returns the ids removed, with whether
+/// each was READY.
+fn remove_every_sandbox(h: &CriHarness) -> anyhow::Result<Vec<(String, bool)>> {
     let mut removed = Vec::new();
     for s in h.cri().list_pod_sandboxes()? {
-        if s.state != PodSandboxState::SandboxReady as i32 {
-            h.cri().stop_pod_sandbox(&s.id)?;
-            h.cri().remove_pod_sandbox(&s.id)?;
-            removed.push(s.id);
-        }
+        h.cri().stop_pod_sandbox(&s.id)?;
+        h.cri().remove_pod_sandbox(&s.id)?;
+        removed.push((s.id, s.state == PodSandboxState::SandboxReady as i32));
     }
     Ok(removed)
+}
+
+/// A CRI call that containerd's restart interrupted.
+struct Interrupted<T> {
+    result: anyhow::Result<T>,
+    /// How long the call took.
+    took: Duration,
+    /// When containerd was restarted, since the test began.
+    restarted_at: Duration,
+}
+
+impl<T> Interrupted<T> {
+    fn describe(&self, call: &str, ok: impl Fn(&T) -> String) -> String {
+        format!(
+            "containerd restarted at +{:.1} s during {call}, which returned after {:.1} s: {}",
+            self.restarted_at.as_secs_f64(),
+            self.took.as_secs_f64(),
+            match &self.result {
+                Ok(v) => ok(v),
+                Err(e) => format!("{e:#}"),
+            }
+        )
+    }
+}
+
+/// Runs `call` on a thread of its own and restarts containerd once `moment` (on this
+/// thread) returns; `t0` is when the test began.
+fn restart_during<T: Send>(
+    h: &CriHarness,
+    t0: Instant,
+    call: impl FnOnce() -> anyhow::Result<T> + Send,
+    moment: impl FnOnce(),
+) -> anyhow::Result<Interrupted<T>> {
+    std::thread::scope(|s| {
+        let thread = s.spawn(|| {
+            let t = Instant::now();
+            (call(), t.elapsed())
+        });
+        moment();
+        let restarted_at = t0.elapsed();
+        let restarted = h.restart_containerd();
+        let (result, took) = thread
+            .join()
+            .map_err(|_| anyhow::anyhow!("the call's thread panicked"))?;
+        restarted?;
+        Ok(Interrupted {
+            result,
+            took,
+            restarted_at,
+        })
+    })
 }
 
 /// Waits until nothing of `h`'s pods is left; returns what is left otherwise.
@@ -120,49 +171,28 @@ fn containerd_restarts_mid_call_leak_nothing() {
     // 1. Restart during RunPodSandbox: once the pod's shim runs, a moment into its boot.
     let mut config_a = h.pod_config("restart-a").expect("pod config");
     let client = h.connect_client().expect("CRI client");
-    let (result, restarted_at) = std::thread::scope(|s| {
-        let call = s.spawn(|| {
-            let t = Instant::now();
-            (client.run_pod_sandbox(&config_a, HUSK_HANDLER), t.elapsed())
-        });
-        if !wait_for(Duration::from_secs(60), || !h.shims(HUSK_SHIM).is_empty()) {
-            fail("RunPodSandbox", "no husk shim started within 60 s");
-        }
-        std::thread::sleep(Duration::from_secs(3));
-        let at = t0.elapsed();
-        h.restart_containerd()
-            .unwrap_or_else(|e| fail("restarting containerd", &format!("{e:#}")));
-        (call.join().expect("RunPodSandbox thread"), at)
-    });
-    let (result, took) = result;
-    step(&format!(
-        "containerd restarted at +{:.1} s during RunPodSandbox, which returned after {:.1} s: {}",
-        restarted_at.as_secs_f64(),
-        took.as_secs_f64(),
-        match &result {
-            Ok(id) => format!("pod {id}"),
-            Err(e) => format!("{e:#}"),
-        }
-    ));
-    let removed = remove_unready_sandboxes(&h)
-        .unwrap_or_else(|e| fail("removing unready sandboxes", &format!("{e:#}")));
-    // A sandbox that became READY (the call completed inside containerd before it
-    // stopped) is removed too: the kubelet never got its id, so it makes a new one.
-    for s in h
-        .cri()
-        .list_pod_sandboxes()
-        .unwrap_or_else(|e| fail("ListPodSandbox", &format!("{e:#}")))
-    {
-        h.cri()
-            .stop_pod_sandbox(&s.id)
-            .and_then(|()| h.cri().remove_pod_sandbox(&s.id))
-            .unwrap_or_else(|e| fail("removing a sandbox", &format!("{e:#}")));
+    let mut shim_started = true;
+    let interrupted = restart_during(
+        &h,
+        t0,
+        || client.run_pod_sandbox(&config_a, HUSK_HANDLER),
+        || {
+            shim_started = wait_for(Duration::from_secs(60), || !h.shims(HUSK_SHIM).is_empty());
+            std::thread::sleep(Duration::from_secs(3));
+        },
+    )
+    .unwrap_or_else(|e| fail("restarting containerd", &format!("{e:#}")));
+    if !shim_started {
+        fail("RunPodSandbox", "no husk shim started within 60 s");
     }
+    step(&interrupted.describe("RunPodSandbox", |id| format!("pod {id}")));
+    let removed = remove_every_sandbox(&h)
+        .unwrap_or_else(|e| fail("removing the sandboxes", &format!("{e:#}")));
     let left = settle(&h);
     check(
         left.is_empty(),
         "after a restart during RunPodSandbox and the kubelet's clean-up",
-        format!("left: {left:#?} (unready sandboxes removed: {removed:?})"),
+        format!("left: {left:#?} (sandboxes removed, with whether READY: {removed:?})"),
     );
     step("nothing left of the interrupted RunPodSandbox");
 
@@ -190,27 +220,14 @@ fn containerd_restarts_mid_call_leak_nothing() {
         .cri()
         .create_container(&pod.id, &sleeper, &pod.config)
         .unwrap_or_else(|e| fail("CreateContainer", &format!("{e:#}")));
-    let (result, restarted_at) = std::thread::scope(|s| {
-        let call = s.spawn(|| {
-            let t = Instant::now();
-            (client.start_container(&first), t.elapsed())
-        });
-        std::thread::sleep(Duration::from_millis(1000));
-        let at = t0.elapsed();
-        h.restart_containerd()
-            .unwrap_or_else(|e| fail("restarting containerd", &format!("{e:#}")));
-        (call.join().expect("StartContainer thread"), at)
-    });
-    let (result, took) = result;
-    step(&format!(
-        "containerd restarted at +{:.1} s during StartContainer, which returned after {:.1} s: {}",
-        restarted_at.as_secs_f64(),
-        took.as_secs_f64(),
-        match &result {
-            Ok(()) => "started".to_owned(),
-            Err(e) => format!("{e:#}"),
-        }
-    ));
+    let interrupted = restart_during(
+        &h,
+        t0,
+        || client.start_container(&first),
+        || std::thread::sleep(Duration::from_millis(1000)),
+    )
+    .unwrap_or_else(|e| fail("restarting containerd", &format!("{e:#}")));
+    step(&interrupted.describe("StartContainer", |()| "started".to_owned()));
     let status = h
         .cri()
         .pod_sandbox_status(&pod.id)

@@ -684,19 +684,8 @@ impl Inner {
             creating.cancel();
             if let Phase::Cancelled(exit) = creating.settled().await {
                 self.creates.remove(&req.id);
-                let event = TaskDelete {
-                    container_id: req.id.clone(),
-                    pid: host_pid(),
-                    exit_status: exit.status,
-                    exited_at: Some(exit.timestamp()).into(),
-                    id: req.id.clone(),
-                    ..Default::default()
-                };
-                self.events
-                    .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event))
-                    .await;
                 Arc::clone(self).exit_when_idle();
-                return Ok(delete_response(exit));
+                return Ok(self.deleted(&req.id, exit).await);
             }
         }
         let (c, p) = self.process(&req.id, &req.exec_id).await?;
@@ -738,18 +727,23 @@ impl Inner {
             });
         }
         lock(&self.containers).remove(&c.id);
+        Ok(self.deleted(&c.id, exit).await)
+    }
+
+    /// Publishes TaskDelete for task `id`, which ended with `exit`; Delete's answer.
+    async fn deleted(&self, id: &str, exit: Exit) -> DeleteResponse {
         let event = TaskDelete {
-            container_id: c.id.clone(),
+            container_id: id.to_owned(),
             pid: host_pid(),
             exit_status: exit.status,
             exited_at: Some(exit.timestamp()).into(),
-            id: c.id.clone(),
+            id: id.to_owned(),
             ..Default::default()
         };
         self.events
             .publish(topics::TASK_DELETE_EVENT_TOPIC, Box::new(event))
             .await;
-        Ok(delete_response(exit))
+        delete_response(exit)
     }
 
     /// Marks `c` deleted and removes it: from the VM, and its host side (`release`).

@@ -110,11 +110,15 @@ pub fn unmount(fd: &OwnedFd) -> Result<(), Errno> {
     nix::mount::umount2(link.as_str(), nix::mount::MntFlags::MNT_DETACH)
 }
 
-/// Deletes everything in the folder `dir` (an fd opened for reading), staying on its own
+/// Deletes everything in the folder `dir` (itself not a symlink), staying on its own
 /// mount: a mount point inside (a live bind of a user's files) stops the delete with an
 /// error rather than being deleted through; symlinks are removed, never followed.
-pub fn remove_contents(dir: OwnedFd) -> Result<()> {
-    remove_contents_at(dir, 0)
+pub fn remove_contents(dir: &Path) -> Result<()> {
+    let how = OpenHow::new()
+        .flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC);
+    let fd = openat2(nix::fcntl::AT_FDCWD, dir, how)
+        .with_context(|| format!("opening {}", dir.display()))?;
+    remove_contents_at(fd, 0)
 }
 
 fn remove_contents_at(dir: OwnedFd, depth: usize) -> Result<()> {
@@ -158,11 +162,6 @@ fn remove_contents_at(dir: OwnedFd, depth: usize) -> Result<()> {
 mod tests {
     use super::*;
 
-    fn open_dir(path: &Path) -> OwnedFd {
-        let how = OpenHow::new().flags(OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC);
-        openat2(nix::fcntl::AT_FDCWD, path, how).unwrap()
-    }
-
     #[test]
     fn names_that_are_not_one_component_are_refused() {
         let tmp = tempfile::tempdir().unwrap();
@@ -196,7 +195,7 @@ mod tests {
         std::fs::create_dir_all(tree.join("a/b")).unwrap();
         std::fs::write(tree.join("a/b/f"), "y").unwrap();
         std::os::unix::fs::symlink(&outside, tree.join("a/link")).unwrap();
-        remove_contents(open_dir(&tree)).unwrap();
+        remove_contents(&tree).unwrap();
         assert!(std::fs::read_dir(&tree).unwrap().next().is_none());
         assert_eq!(std::fs::read_to_string(outside.join("keep")).unwrap(), "x");
 
@@ -205,7 +204,7 @@ mod tests {
             deep.push("d");
         }
         std::fs::create_dir_all(&deep).unwrap();
-        let err = remove_contents(open_dir(&tree)).unwrap_err();
+        let err = remove_contents(&tree).unwrap_err();
         assert!(format!("{err:#}").contains("deeper than"), "{err:#}");
     }
 
@@ -228,7 +227,7 @@ mod tests {
         )
         .unwrap();
         std::fs::write(mnt.join("user-file"), "data").unwrap();
-        let err = remove_contents(open_dir(&tree)).unwrap_err();
+        let err = remove_contents(&tree).unwrap_err();
         let shown = format!("{err:#}");
         assert_eq!(
             std::fs::read_to_string(mnt.join("user-file")).unwrap(),

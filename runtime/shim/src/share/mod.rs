@@ -293,15 +293,7 @@ pub fn remove_tree(dir: &Path) -> Result<()> {
             dir.display()
         );
     }
-    let how = nix::fcntl::OpenHow::new().flags(
-        nix::fcntl::OFlag::O_RDONLY
-            | nix::fcntl::OFlag::O_DIRECTORY
-            | nix::fcntl::OFlag::O_NOFOLLOW
-            | nix::fcntl::OFlag::O_CLOEXEC,
-    );
-    let fd = nix::fcntl::openat2(nix::fcntl::AT_FDCWD, dir, how)
-        .with_context(|| format!("opening {}", dir.display()))?;
-    beneath::remove_contents(fd).with_context(|| format!("removing {}", dir.display()))?;
+    beneath::remove_contents(dir).with_context(|| format!("removing {}", dir.display()))?;
     match std::fs::remove_dir(dir) {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
             Err(e).with_context(|| format!("removing {}", dir.display()))
@@ -316,6 +308,15 @@ mod tests {
 
     fn is_root() -> bool {
         nix::unistd::geteuid().is_root()
+    }
+
+    /// A rootfs folder and a hosts file in `dir`, the sources the tests bind.
+    fn rootfs_and_hosts(dir: &Path) -> (PathBuf, PathBuf) {
+        let rootfs = dir.join("rootfs");
+        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        let hosts = dir.join("hosts");
+        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        (rootfs, hosts)
     }
 
     #[test]
@@ -344,10 +345,7 @@ mod tests {
         }
         use std::os::unix::fs::symlink;
         let tmp = tempfile::tempdir().unwrap();
-        let rootfs = tmp.path().join("rootfs");
-        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
-        let hosts = tmp.path().join("hosts");
-        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
+        let (rootfs, hosts) = rootfs_and_hosts(tmp.path());
         // A host folder outside the share: what the guest aims at (/etc in real life).
         let victim = tmp.path().join("victim");
         std::fs::create_dir(&victim).unwrap();
@@ -428,13 +426,10 @@ mod tests {
             return;
         }
         let tmp = tempfile::tempdir().unwrap();
-        let rootfs = tmp.path().join("rootfs");
-        std::fs::create_dir_all(rootfs.join("bin")).unwrap();
+        let (rootfs, hosts) = rootfs_and_hosts(tmp.path());
         let volume = tmp.path().join("volume");
         std::fs::create_dir(&volume).unwrap();
         std::fs::write(volume.join("keep"), "data").unwrap();
-        let hosts = tmp.path().join("hosts");
-        std::fs::write(&hosts, "127.0.0.1 localhost\n").unwrap();
 
         let share = SharedDir::create(&tmp.path().join("shared")).unwrap();
         share.set_guest_root("/run/sb/mounts/shared".into());

@@ -175,15 +175,13 @@ impl VirtioDevice for Fs {
         // Counted before starting: a half-done start is undone like a full one.
         self.started_rings = rings.len();
         if let Err(e) = self.conn.start(&mem, self.acked_features, &rings) {
-            error!("{}: cannot start the device: {e}", self.name);
+            let why = format!("{}: cannot start the device: {e}", self.name);
+            error!("{why}");
             // The share can never serve the guest (most often virtiofsd is gone): end the
             // VM, as a hang-up later would, rather than let its workload (or a template
             // snapshot of it) wait on the share forever.
             if let Some(stop) = &self.stop {
-                stop.request(crate::stop::StopReason::BackendGone(format!(
-                    "{}: cannot start the device: {e}",
-                    self.name
-                )));
+                stop.request(crate::stop::StopReason::BackendGone(why));
             }
             self.stop_backend();
             return Err(ActivateError::Other(format!("{}: {e}", self.name)));
