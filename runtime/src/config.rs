@@ -14,6 +14,9 @@ pub const DEFAULT_VCPUS: u8 = 1;
 pub const DEFAULT_MEMORY_MIB: u64 = 128;
 pub const DEFAULT_MEMORY_OVERHEAD_MIB: u64 = 64;
 pub const DEFAULT_BOOT_TIMEOUT_SECS: u64 = 120;
+/// uid and gid of a jailed VMM: `nobody`/`nogroup` on Debian. Every VMM may share them: each
+/// sees only its own jail and PID namespace, and is not dumpable (docs/security.md).
+pub const DEFAULT_VMM_ID: u32 = 65534;
 
 /// The file as written.
 #[derive(Debug, Default, Deserialize, Clone, PartialEq)]
@@ -36,6 +39,9 @@ pub struct FileConfig {
     pub template: Option<String>,
     pub template_dir: Option<PathBuf>,
     pub vmm_seccomp: Option<String>,
+    pub vmm_jail: Option<String>,
+    pub vmm_uid: Option<u32>,
+    pub vmm_gid: Option<u32>,
 }
 
 /// The configuration in effect (defaults filled in, values checked).
@@ -64,6 +70,11 @@ pub struct Config {
     pub template_dir: Option<PathBuf>,
     /// Seccomp filters on the VMM's vCPU and device threads (docs/security.md).
     pub vmm_seccomp: husk_vmm::seccomp::SeccompMode,
+    /// The VMM runs as a jailed process of its own (`husk_jailer`), or unconfined as root.
+    pub vmm_jail: bool,
+    /// The unprivileged ids a jailed VMM runs as.
+    pub vmm_uid: u32,
+    pub vmm_gid: u32,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -249,6 +260,28 @@ impl Config {
                 ));
             }
         };
+        let vmm_jail = match file.vmm_jail.as_deref() {
+            None | Some("on") => true,
+            Some("off") => false,
+            Some(other) => {
+                return Err(invalid(
+                    "vmm_jail",
+                    other.to_owned(),
+                    "expected \"on\" or \"off\"",
+                ));
+            }
+        };
+        let vmm_uid = file.vmm_uid.unwrap_or(DEFAULT_VMM_ID);
+        let vmm_gid = file.vmm_gid.unwrap_or(DEFAULT_VMM_ID);
+        for (key, id) in [("vmm_uid", vmm_uid), ("vmm_gid", vmm_gid)] {
+            if vmm_jail && id == 0 {
+                return Err(invalid(
+                    key,
+                    "0".into(),
+                    "a jailed VMM runs unprivileged; set vmm_jail = \"off\" to run it as root",
+                ));
+            }
+        }
         Ok(Config {
             source: source.to_owned(),
             kernel: file.kernel,
@@ -270,6 +303,9 @@ impl Config {
             template,
             template_dir: file.template_dir,
             vmm_seccomp,
+            vmm_jail,
+            vmm_uid,
+            vmm_gid,
         })
     }
 
@@ -500,9 +536,19 @@ mod tests {
             template = "off"
             template_dir = "/var/lib/husk/templates"
             vmm_seccomp = "off"
+            vmm_jail = "on"
+            vmm_uid = 900
+            vmm_gid = 901
             "#,
         )
         .unwrap();
+        assert_eq!((c.vmm_jail, c.vmm_uid, c.vmm_gid), (true, 900, 901));
+        let defaults = parse("").unwrap();
+        assert_eq!(
+            (defaults.vmm_jail, defaults.vmm_uid, defaults.vmm_gid),
+            (true, DEFAULT_VMM_ID, DEFAULT_VMM_ID)
+        );
+        assert!(!parse("vmm_jail = \"off\"\nvmm_uid = 0").unwrap().vmm_jail);
         assert_eq!(c.kernel, Some("/k".into()));
         assert_eq!((c.vcpus, c.memory_mib, c.memory_overhead_mib), (2, 512, 32));
         assert_eq!(c.rootfs_mode, RootfsMode::Block);
@@ -532,6 +578,13 @@ mod tests {
             err.contains("template") && err.contains("auto or off"),
             "{err}"
         );
+        let err = parse("vmm_uid = 0").unwrap_err().to_string();
+        assert!(
+            err.contains("vmm_uid") && err.contains("unprivileged"),
+            "{err}"
+        );
+        let err = parse("vmm_jail = \"yes\"").unwrap_err().to_string();
+        assert!(err.contains("vmm_jail") && err.contains("\"on\""), "{err}");
         let err = parse("vmm_seccomp = \"log\"").unwrap_err().to_string();
         assert!(err.contains("vmm_seccomp") && err.contains("log"), "{err}");
         let err = parse("cpu_template = \"fast\"").unwrap_err().to_string();

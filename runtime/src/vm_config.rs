@@ -17,6 +17,8 @@ pub enum VmConfigError {
     Config(#[from] ConfigError),
     #[error("VM configuration: {0}")]
     Invalid(String),
+    #[error(transparent)]
+    Launch(husk_jailer::LaunchError),
 }
 
 /// `p` as a VMM argument (device options are comma-separated `key=value` lists).
@@ -38,6 +40,49 @@ pub enum Launch<'a> {
     Restore(&'a Path),
 }
 
+/// A VMM ready to start: its arguments and the configuration they parse into.
+#[derive(Debug, Clone)]
+pub struct VmmLaunch {
+    /// husk-vmm's arguments (no program name).
+    pub args: Vec<String>,
+    pub config: husk_vmm::config::VmConfig,
+}
+
+impl VmmLaunch {
+    /// Starts the VMM process, jailed in `jail_root` (a per-VM folder, left empty on the host)
+    /// under `vmm_jail = "on"`. `snapshot_dirs` are folders a snapshot requested through the
+    /// API socket may be written into. The process is killed when the calling thread ends:
+    /// call this from the thread that waits for it.
+    pub fn spawn(
+        &self,
+        runtime: &Config,
+        jail_root: &Path,
+        snapshot_dirs: &[PathBuf],
+    ) -> Result<husk_jailer::VmmProcess, VmConfigError> {
+        let jail = if runtime.vmm_jail {
+            Some(
+                husk_jailer::JailSpec::for_vm(
+                    &self.config,
+                    jail_root,
+                    runtime.vmm_uid,
+                    runtime.vmm_gid,
+                    snapshot_dirs,
+                )
+                .map_err(|e| VmConfigError::Invalid(e.to_string()))?,
+            )
+        } else {
+            None
+        };
+        let console_on_stdout = self.config.console == husk_vmm::config::Console::Stdout;
+        husk_jailer::launch::spawn(Path::new(SELF_EXE), &self.args, jail, console_on_stdout)
+            .map_err(VmConfigError::Launch)
+    }
+}
+
+/// The VMM process is this binary again (`husk_jailer::SUBCOMMAND`): nothing to find on
+/// a PATH, and always the same build as the runtime.
+const SELF_EXE: &str = "/proc/self/exe";
+
 /// The VMM configuration: kernel, initramfs, CPU template, console and command line from
 /// `config`, the VM's size, its hybrid-vsock socket and extra device arguments.
 pub fn vm_config(
@@ -45,7 +90,7 @@ pub fn vm_config(
     size: VmSize,
     vm_socket: &Path,
     devices: Vec<String>,
-) -> Result<husk_vmm::config::VmConfig, VmConfigError> {
+) -> Result<VmmLaunch, VmConfigError> {
     launch_config(config, size, vm_socket, devices, Launch::Boot)
 }
 
@@ -58,7 +103,7 @@ pub fn launch_config(
     vm_socket: &Path,
     devices: Vec<String>,
     launch: Launch<'_>,
-) -> Result<husk_vmm::config::VmConfig, VmConfigError> {
+) -> Result<VmmLaunch, VmConfigError> {
     let mut args: Vec<String> = vec!["husk-vmm".into()];
     match launch {
         Launch::Boot => args.extend([
@@ -92,8 +137,11 @@ pub fn launch_config(
     }
     let cli = <husk_vmm::config::Cli as clap::Parser>::try_parse_from(&args)
         .map_err(|e| VmConfigError::Invalid(e.to_string().trim().to_owned()))?;
-    cli.into_vm_config()
-        .map_err(|e| VmConfigError::Invalid(e.to_string()))
+    let config = cli
+        .into_vm_config()
+        .map_err(|e| VmConfigError::Invalid(e.to_string()))?;
+    args.remove(0);
+    Ok(VmmLaunch { args, config })
 }
 
 #[cfg(test)]
@@ -127,12 +175,12 @@ mod tests {
             memory_mib: 128,
         };
         let sock = Path::new("/run/x/vm.sock");
-        let boot = vm_config(&config, size, sock, vec![]).unwrap();
+        let boot = vm_config(&config, size, sock, vec![]).unwrap().config;
         assert_eq!(boot.restore, None);
         assert_eq!(boot.seccomp, husk_vmm::seccomp::SeccompMode::Enforce);
         let mut unconfined = config.clone();
         unconfined.vmm_seccomp = husk_vmm::seccomp::SeccompMode::Off;
-        let off = vm_config(&unconfined, size, sock, vec![]).unwrap();
+        let off = vm_config(&unconfined, size, sock, vec![]).unwrap().config;
         assert_eq!(off.seccomp, husk_vmm::seccomp::SeccompMode::Off);
         let restore = launch_config(
             &config,
@@ -141,7 +189,8 @@ mod tests {
             vec![],
             Launch::Restore(Path::new("/t/k")),
         )
-        .unwrap();
+        .unwrap()
+        .config;
         assert_eq!(restore.restore, Some("/t/k".into()));
         assert!(restore.initramfs.is_none());
     }

@@ -9,6 +9,7 @@ pub mod fault;
 pub mod guest_image;
 pub mod host;
 pub mod husk_cli;
+pub mod jail;
 pub mod podman;
 pub mod proc_stats;
 pub mod rootfs;

@@ -181,24 +181,35 @@ fn log_file_gets_runc_style_json_errors() {
 #[test]
 fn check_reports_the_vmm_confinement_in_use() {
     let h = husk();
-    let line = |h: &Husk| {
+    let line = |h: &Husk, what: &str| {
         let o = h.output(&["check"]).expect("run husk check");
         String::from_utf8_lossy(&o.stdout)
             .lines()
-            .find(|l| l.contains("VMM confinement"))
+            .find(|l| l.contains(what))
             .map(str::to_owned)
-            .unwrap_or_else(|| panic!("no confinement line in {o:?}"))
+            .unwrap_or_else(|| panic!("no {what} line in {o:?}"))
     };
-    // This host has seccomp filters (the VM tests run under them).
-    let on = line(&h);
-    assert!(on.starts_with("[ok]") && on.contains("seccomp"), "{on}");
+    // This host has seccomp filters and namespaces, and the tests run as root (the VM tests
+    // run jailed and filtered).
+    let on = line(&h, "VMM seccomp");
+    assert!(on.starts_with("[ok]") && on.contains("filters"), "{on}");
+    let jail = line(&h, "VMM jail");
+    assert!(
+        jail.starts_with("[ok]") && jail.contains("uid 65534") && jail.contains("PID"),
+        "{jail}"
+    );
     let config = h.dir().join("config.toml");
     let mut text = std::fs::read_to_string(&config).unwrap();
-    text.push_str("vmm_seccomp = \"off\"\n");
+    text.push_str("vmm_seccomp = \"off\"\nvmm_jail = \"off\"\n");
     std::fs::write(&config, text).unwrap();
-    let off = line(&h);
+    let off = line(&h, "VMM seccomp");
     assert!(
         off.starts_with("[warn]") && off.contains("unfiltered"),
         "{off}"
+    );
+    let unjailed = line(&h, "VMM jail");
+    assert!(
+        unjailed.starts_with("[warn]") && unjailed.contains("as root"),
+        "{unjailed}"
     );
 }

@@ -122,6 +122,11 @@ fn full_lifecycle_in_one_vm() {
             .any(|l| l.trim() == pid.to_string())
     });
     assert!(in_cgroup, "monitor {pid} is not in {folders:?}");
+    // its VMM runs jailed (own namespaces and root, uid 65534, no capabilities)
+    let vmms = husk_tests::jail::jailed_vmms_below(pid as u32);
+    assert_eq!(vmms.len(), 1, "jailed VMMs below monitor {pid}: {vmms:?}");
+    let root = husk_tests::jail::assert_jailed(vmms[0]);
+    println!("VMM {} jailed; its root holds {root:?}", vmms[0]);
     let shares = cgroup_value(&folders, &["cpu.shares"]);
     let weight = cgroup_value(&folders, &["cpu.weight"]);
     assert!(

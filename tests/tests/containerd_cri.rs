@@ -242,6 +242,23 @@ fn cri_pods_run_in_husk_vms() {
         })
         .collect();
     steps.done("ExecSync boot_id in both containers");
+    if vm {
+        // The pod's VMM is a jailed process below its shim.
+        let shim = h
+            .pod_shim(shim_name, &pod1)
+            .unwrap_or_else(|| fail("pod 1's shim", "no shim process serves it"));
+        let vmms = husk_tests::jail::jailed_vmms_below(shim);
+        check(
+            vmms.len() == 1,
+            "pod 1's VMM is jailed",
+            format!("jailed VMMs below shim {shim}: {vmms:?}"),
+        );
+        let root = husk_tests::jail::assert_jailed(vmms[0]);
+        steps.done(&format!(
+            "pod 1's VMM {} jailed, its root {root:?}",
+            vmms[0]
+        ));
+    }
     let host_boot_id = host_file("/proc/sys/kernel/random/boot_id");
     check(
         !boot_ids[0].is_empty() && boot_ids[0] == boot_ids[1],

@@ -29,8 +29,14 @@ pub fn detect(kvm_pvm_loaded: bool, cpuinfo: &str) -> HostKind {
     }
 }
 
-/// Probes this machine.
+/// Probes this machine, once per process: a jailed VMM probes before its root becomes a
+/// folder without /sys and /proc.
 pub fn probe() -> HostKind {
+    static KIND: std::sync::OnceLock<HostKind> = std::sync::OnceLock::new();
+    *KIND.get_or_init(probe_now)
+}
+
+fn probe_now() -> HostKind {
     let pvm = Path::new("/sys/module/kvm_pvm").exists();
     // Unreadable cpuinfo counts as "no VMX/SVM": only matters when kvm_pvm is loaded.
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();

@@ -170,6 +170,26 @@ pub fn initramfs_addr(mem_size: u64, kernel_end: u64, size: u64, addr_limit: u64
     (addr >= kernel_end && size > 0).then_some(addr)
 }
 
+/// An initramfs opened before the VM is built: a jailed VMM opens its files first and then
+/// gives up the rights to open them.
+pub struct InitramfsFile {
+    path: std::path::PathBuf,
+    file: File,
+}
+
+impl InitramfsFile {
+    pub fn open(path: &Path) -> Result<Self, LoaderError> {
+        let file = File::open(path).map_err(|source| LoaderError::OpenInitramfs {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            file,
+        })
+    }
+}
+
 /// Copies the initramfs at `path` to the top of low RAM; returns (address, size).
 pub fn load_initramfs(
     mem: &GuestMemory,
@@ -177,10 +197,18 @@ pub fn load_initramfs(
     kernel: &LoadedKernel,
     path: &Path,
 ) -> Result<(u64, u64), LoaderError> {
-    let mut file = File::open(path).map_err(|source| LoaderError::OpenInitramfs {
-        path: path.to_path_buf(),
-        source,
-    })?;
+    load_initramfs_file(mem, mem_size, kernel, InitramfsFile::open(path)?)
+}
+
+/// [`load_initramfs`] of an already opened file.
+pub fn load_initramfs_file(
+    mem: &GuestMemory,
+    mem_size: u64,
+    kernel: &LoadedKernel,
+    initramfs: InitramfsFile,
+) -> Result<(u64, u64), LoaderError> {
+    let InitramfsFile { path, mut file } = initramfs;
+    let path = path.as_path();
     let size = file
         .metadata()
         .map_err(|source| LoaderError::OpenInitramfs {

@@ -647,6 +647,18 @@ fn load_snapshot(
 /// Builds the VM described by `config` (booting its kernel, or restoring the snapshot it
 /// names), runs it, and returns why it stopped.
 pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
+    run_with(config, start, || Ok(()))
+}
+
+/// [`run`], calling `before_threads` once every file, socket and KVM handle the VM needs is
+/// open and before the VM's first thread starts. The jailer gives up its privileges there
+/// (uid, capabilities): after it nothing in the VMM opens a host path by itself, except the
+/// snapshot files an API request names and the host sockets guest vsock connections reach.
+pub fn run_with(
+    config: &VmConfig,
+    start: Instant,
+    before_threads: impl FnOnce() -> std::io::Result<()>,
+) -> Result<StopReason, VmError> {
     // Before any thread exists, so that all of them inherit the mask.
     let sigfd = block_stop_signals().map_err(|source| VmError::Io {
         what: "setting up SIGTERM/SIGINT handling",
@@ -684,12 +696,10 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         Some(_) => None,
         None => Some(loader::KernelImage::open(&config.kernel)?),
     };
-    if let Some(p) = &config.initramfs {
-        std::fs::metadata(p).map_err(|source| LoaderError::OpenInitramfs {
-            path: p.clone(),
-            source,
-        })?;
-    }
+    let initramfs = match (&config.restore, &config.initramfs) {
+        (None, Some(p)) => Some(loader::InitramfsFile::open(p)?),
+        _ => None,
+    };
     let stop = StopSignal::new().map_err(|source| VmError::Io {
         what: "creating the stop eventfd",
         source,
@@ -779,6 +789,12 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
         layout::BOOT_TIMER_ADDR,
         layout::BOOT_TIMER_SIZE,
     )?;
+    // Single-threaded still: a uid change reaches every thread, and later threads would
+    // run under a seccomp filter that forbids it.
+    before_threads().map_err(|source| VmError::Io {
+        what: "confining the VMM",
+        source,
+    })?;
     // Before any device worker starts (a restore starts them on this thread).
     let (seccomp, _seccomp_context) = match config.seccomp {
         SeccompMode::Enforce => {
@@ -860,7 +876,7 @@ pub fn run(config: &VmConfig, start: Instant) -> Result<StopReason, VmError> {
             &vm,
             &mem,
             mem_size,
-            kernel_image,
+            (kernel_image, initramfs),
             &slots,
         )?,
         (None, None) => unreachable!("a boot always has a kernel image"),
@@ -943,12 +959,12 @@ fn boot_setup(
     vm: &VmFd,
     mem: &GuestMemory,
     mem_size: u64,
-    kernel_image: loader::KernelImage,
+    (kernel_image, initramfs): (loader::KernelImage, Option<loader::InitramfsFile>),
     slots: &[(u64, u32)],
 ) -> Result<Vec<VcpuFd>, VmError> {
     let kernel = kernel_image.load(mem)?;
-    let initramfs = match &config.initramfs {
-        Some(p) => Some(loader::load_initramfs(mem, mem_size, &kernel, p)?),
+    let initramfs = match initramfs {
+        Some(f) => Some(loader::load_initramfs_file(mem, mem_size, &kernel, f)?),
         None => None,
     };
     let cmdline = loader::build_cmdline(&CmdlineSpec {

@@ -34,6 +34,11 @@ pub const RUNTIME_NAME: &str = "io.containerd.husk.v2";
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    // The VMM process of this shim's VM (`sandbox`): single-threaded still, as its jail
+    // needs.
+    if args.get(1).is_some_and(|a| a == husk_jailer::SUBCOMMAND) {
+        husk_jailer::entry::main(&args[2..]);
+    }
     let flags = match containerd_shim::parse(args.get(1..).unwrap_or_default()) {
         Ok(f) => f,
         Err(e) => {

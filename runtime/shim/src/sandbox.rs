@@ -1,11 +1,11 @@
-//! The shim's VM: husk-vmm run in this process (`husk_vmm::vm::run` on a thread of its
-//! own, as the `husk` CLI's monitor does), virtiofsd sharing the VM's shared folder (every
-//! container's rootfs and binds, see `share`) or a rootfs image, and the agent client.
+//! The shim's VM: the VMM as a jailed process of its own (this binary again, see
+//! `husk_jailer`), virtiofsd sharing the VM's shared folder (every container's rootfs and
+//! binds, see `share`) or a rootfs image, and the agent client.
 //!
-//! In-process rather than a `husk-vmm` child: the VM cannot outlive the shim (containerd
-//! kills a shim it gives up on, and that must take the VM with it), and there is no second
-//! binary to find on containerd's PATH. The price: a VM that will not stop is only ended by
-//! the shim's exit, which is what happens after `Shutdown`.
+//! The VMM process is started from a thread that waits for it and dies with that thread
+//! (parent-death signal): the VM cannot outlive the shim (containerd kills a shim it gives
+//! up on, and that must take the VM with it). A VM that will not stop is ended by the
+//! shim's exit, which is what happens after `Shutdown`.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,7 +18,7 @@ use husk_protocol::client::{AgentClient, Target, connect_with_retry};
 use husk_runtime::config::Config;
 use husk_runtime::sizing::VmSize;
 use husk_runtime::template::Template;
-use husk_runtime::vm_config::{Launch, launch_config, path_arg};
+use husk_runtime::vm_config::{Launch, VmmLaunch, launch_config, path_arg};
 use tokio::sync::watch;
 
 use crate::network::dns::GuestDns;
@@ -29,6 +29,8 @@ use crate::template::{self as templates, TemplateRequest};
 const ROOTFS_SERIAL: &str = "rootfs";
 const VM_SOCKET: &str = "vm.sock";
 const FS_SOCKET: &str = "fs.sock";
+/// The VMM's jail folder in the run folder (empty on the host).
+const JAIL_DIR: &str = "jail";
 /// The pod's /dev/shm: one guest tmpfs that every container of the VM binds (CRI binds
 /// the sandbox's shm folder into each container).
 pub use husk_runtime::volumes::{SHM_MOUNT, SHM_OPTIONS};
@@ -132,14 +134,19 @@ impl Sandbox {
             Some(t) => Launch::Restore(&t.dir),
             None => Launch::Boot,
         };
-        let vm_config = launch_config(config, size, &vm_socket, devices, launch)?;
+        let job = VmmJob {
+            launch: launch_config(config, size, &vm_socket, devices, launch)?,
+            runtime: config.clone(),
+            jail_root: run_dir.join(JAIL_DIR),
+            snapshot_dirs: Vec::new(),
+        };
         let started = Instant::now();
 
         let (tx, stopped) = watch::channel(None);
         std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || {
-                let reason = run_vm(&vm_config, virtiofsd);
+                let reason = run_vm(job, virtiofsd);
                 tracing::info!("VM stopped: {reason}");
                 let _ = tx.send(Some(reason));
             })
@@ -290,10 +297,20 @@ pub struct Virtiofsd {
     log: PathBuf,
 }
 
-/// Body of the VMM thread: virtiofsd (if any), then the VM until it stops. virtiofsd is
-/// spawned from this thread on purpose: its parent-death signal fires when the spawning
-/// thread ends, which is when the VM has stopped.
-pub fn run_vm(config: &husk_vmm::config::VmConfig, virtiofsd: Option<Virtiofsd>) -> String {
+/// The VMM process to start: its arguments, and where its jail goes.
+pub struct VmmJob {
+    pub launch: VmmLaunch,
+    pub runtime: Config,
+    /// The jail folder (empty on the host).
+    pub jail_root: PathBuf,
+    /// Folders a snapshot may be written into.
+    pub snapshot_dirs: Vec<PathBuf>,
+}
+
+/// Body of the VMM thread: virtiofsd (if any), then the VMM process until it ends. Both are
+/// spawned from this thread on purpose: their parent-death signal fires when the spawning
+/// thread ends, which is when the VM has stopped (or the shim has died).
+pub fn run_vm(job: VmmJob, virtiofsd: Option<Virtiofsd>) -> String {
     let mut child = None;
     if let Some(spec) = virtiofsd {
         match spawn_virtiofsd(&spec) {
@@ -301,17 +318,19 @@ pub fn run_vm(config: &husk_vmm::config::VmConfig, virtiofsd: Option<Virtiofsd>)
             Err(e) => return format!("{e:#}"),
         }
     }
-    let reason = match husk_vmm::vm::run(config, Instant::now()) {
-        Ok(r) => r.label(),
-        Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            format!("the VM could not run: {msg}")
+    let outcome = match job
+        .launch
+        .spawn(&job.runtime, &job.jail_root, &job.snapshot_dirs)
+    {
+        Ok(process) => {
+            tracing::debug!(pid = process.id(), "VMM process started");
+            process.wait()
         }
+        Err(e) => Err(format!("{e:#}")),
+    };
+    let reason = match outcome {
+        Ok(r) => r.label(),
+        Err(msg) => format!("the VM could not run: {msg}"),
     };
     if let Some(mut c) = child {
         let _ = c.kill();

@@ -17,7 +17,7 @@ use husk_runtime::template::{
 use husk_runtime::vm_config::{path_arg, vm_config};
 use tokio::sync::watch;
 
-use crate::sandbox::{Virtiofsd, run_vm};
+use crate::sandbox::{Virtiofsd, VmmJob, run_vm};
 
 /// The state root whose `@templates` the shim uses without `template_dir`: the CLI's
 /// default, so both share templates.
@@ -166,14 +166,20 @@ async fn boot_and_snapshot(
     let mut args = devices.to_vec();
     args.push("--api-socket".into());
     args.push(path_arg(&api_socket)?);
-    let vm_config = vm_config(config, size, &vm_socket, args)?;
+    let dir = build.join("snapshot");
+    let job = VmmJob {
+        launch: vm_config(config, size, &vm_socket, args)?,
+        runtime: config.clone(),
+        jail_root: run_dir.join("template-jail"),
+        snapshot_dirs: vec![dir.clone()],
+    };
     let fs = virtiofsd.cloned();
     let (tx, mut stopped) = watch::channel(None);
     let started = Instant::now();
     std::thread::Builder::new()
         .name("vmm-template".into())
         .spawn(move || {
-            let reason = run_vm(&vm_config, fs);
+            let reason = run_vm(job, fs);
             let _ = tx.send(Some(reason));
         })
         .context("starting the template VM's thread")?;
@@ -192,7 +198,6 @@ async fn boot_and_snapshot(
         .context("health check of the template VM's agent")?;
     drop(client);
     let boot = started.elapsed();
-    let dir = build.join("snapshot");
     let figures = tokio::task::spawn_blocking(move || request_snapshot(&api_socket, &dir))
         .await
         .map_err(|e| anyhow!("snapshot request: {e}"))?

@@ -85,19 +85,51 @@ pub fn check() -> Result<i32> {
     if let Some(c) = &config {
         match (c.vmm_seccomp, husk_vmm::seccomp::probe()) {
             (husk_vmm::seccomp::SeccompMode::Enforce, Ok(())) => r.ok(
-                "VMM confinement",
-                "seccomp filters on every vCPU and device thread (vmm_seccomp = \"enforce\"); \
-                 the VMM is a thread of the root monitor or shim, without namespaces of its own \
-                 (docs/security.md)",
+                "VMM seccomp",
+                "filters on every vCPU and device thread (vmm_seccomp = \"enforce\", docs/security.md)",
             ),
             (husk_vmm::seccomp::SeccompMode::Enforce, Err(e)) => r.fail(
-                "VMM confinement",
+                "VMM seccomp",
                 &e.to_string(),
                 "use a kernel with CONFIG_SECCOMP_FILTER, or set vmm_seccomp = \"off\" (unconfined)",
             ),
             (husk_vmm::seccomp::SeccompMode::Off, _) => r.warn(
-                "VMM confinement",
-                "none: vmm_seccomp = \"off\", vCPU and device threads run unfiltered as root",
+                "VMM seccomp",
+                "none: vmm_seccomp = \"off\", vCPU and device threads run unfiltered",
+            ),
+        }
+        let namespaces = ["mnt", "pid", "ipc", "uts"];
+        let missing: Vec<&str> = namespaces
+            .into_iter()
+            .filter(|ns| !Path::new(&format!("/proc/self/ns/{ns}")).exists())
+            .collect();
+        match (
+            c.vmm_jail,
+            nix::unistd::geteuid().is_root(),
+            missing.is_empty(),
+        ) {
+            (true, true, true) => r.ok(
+                "VMM jail",
+                &format!(
+                    "each VMM is a process of its own: mount, PID, IPC and UTS namespaces, its \
+                     VM's files only under a per-VM root, uid {} gid {}, no capabilities, \
+                     no_new_privs (vmm_jail = \"on\", docs/security.md)",
+                    c.vmm_uid, c.vmm_gid
+                ),
+            ),
+            (true, false, _) => r.fail(
+                "VMM jail",
+                "entering a jail needs root",
+                "run husk as root (it starts VMs), or set vmm_jail = \"off\"",
+            ),
+            (true, true, false) => r.fail(
+                "VMM jail",
+                &format!("this kernel lacks {} namespaces", missing.join(", ")),
+                "use a kernel with CONFIG_NAMESPACES, or set vmm_jail = \"off\"",
+            ),
+            (false, _, _) => r.warn(
+                "VMM jail",
+                "none: vmm_jail = \"off\", the VMM runs as root with the host's files in view",
             ),
         }
     }

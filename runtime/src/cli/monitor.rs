@@ -2,8 +2,8 @@
 //! container. `create` starts it (`husk __monitor`, inheriting the caller's stdio);
 //! a foreground `run` runs it in its own process.
 //!
-//! It holds the VMM (in-process: `husk_vmm::vm::run` on a thread of its own, so the VM dies
-//! with the monitor and no separate VMM process can be left behind), creates the container
+//! It holds the VMM (a jailed process of its own, `husk __vmm`, which dies with the
+//! monitor's VMM thread, so no VM can be left behind), creates the container
 //! through the guest agent, relays the container's stdio, reports "created" to `create`
 //! over a pipe, forwards the signals it receives to the container's init, and exits with
 //! the container's exit code (128+n for a signal, see `husk_runtime::exit`).
@@ -31,7 +31,7 @@ use husk_runtime::state::{
     ContainerState, ExitRecord, FS_SOCKET, ROOTFS_IMAGE, RootfsMode, StateStore, Status, VM_SOCKET,
 };
 use husk_runtime::template::{Lookup, Template, TemplateInputs, TemplateStore, slots_for};
-use husk_runtime::vm_config::{Launch, launch_config, path_arg};
+use husk_runtime::vm_config::{Launch, VmmLaunch, launch_config, path_arg};
 use husk_runtime::volumes::{self, SHARE_TAG, SHM_MOUNT, SHM_OPTIONS, SharedBinds, SharedFolder};
 use husk_runtime::{console, exit, hooks, rootfs_image};
 use husk_vmm::stop::StopReason;
@@ -44,6 +44,8 @@ use super::{FAILURE, GlobalOpts, oci_state};
 const ROOTFS_SERIAL: &str = "rootfs";
 /// Stream id prefix of the init's stdio.
 const INIT_STREAMS: &str = "init";
+/// The VMM's jail folder in the container's state folder (empty on the host).
+pub(super) const JAIL_DIR: &str = "jail";
 /// How long output may keep flowing after the init exited.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -174,10 +176,9 @@ impl Monitor {
             Some(t) => Launch::Restore(&t.dir),
             None => Launch::Boot,
         };
-        let vm_config = launch_config(&config, size, &vm_socket, vmm_args, launch)?;
-
+        let vmm = launch_config(&config, size, &vm_socket, vmm_args, launch)?;
         let started = Instant::now();
-        let vmm_done = spawn_vmm(vm_config, started)?;
+        let vmm_done = spawn_vmm(vmm, &config, dir.join(JAIL_DIR), Vec::new())?;
 
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -406,24 +407,27 @@ fn enter_host_cgroup(bundle: &Bundle, vm_memory_mib: u64) -> Result<Option<HostC
 /// The VMM's outcome, sent when its thread ends.
 pub(super) type VmmDone = tokio::sync::oneshot::Receiver<Result<StopReason, String>>;
 
-/// Runs the VMM of `vm_config` on a thread of its own (it dies with this process).
+/// Starts the VMM process of `launch` (jailed in `jail_root` under `vmm_jail = "on"`) from a
+/// thread that waits for it: the process is killed when that thread ends, so the VM dies
+/// with this process.
 pub(super) fn spawn_vmm(
-    vm_config: husk_vmm::config::VmConfig,
-    started: Instant,
+    launch: VmmLaunch,
+    config: &Config,
+    jail_root: PathBuf,
+    snapshot_dirs: Vec<PathBuf>,
 ) -> Result<VmmDone> {
     let (tx, vmm_done) = tokio::sync::oneshot::channel();
+    let config = config.clone();
     std::thread::Builder::new()
         .name("vmm".into())
         .spawn(move || {
-            let result = husk_vmm::vm::run(&vm_config, started).map_err(|e| {
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg.push_str(&format!(": {s}"));
-                    src = s.source();
+            let result = match launch.spawn(&config, &jail_root, &snapshot_dirs) {
+                Ok(process) => {
+                    tracing::debug!(pid = process.id(), "VMM process started");
+                    process.wait()
                 }
-                msg
-            });
+                Err(e) => Err(format!("{e:#}")),
+            };
             let _ = tx.send(result);
         })
         .context("starting the VMM thread")?;

@@ -3,6 +3,7 @@
 //! (a virtio-fs share served by a virtiofsd on an empty folder), waits for its agent and
 //! snapshots it; `husk create`/`run` then restore it (with `template = "auto"`).
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -21,7 +22,7 @@ use husk_runtime::volumes::{SHARE_TAG, SharedFolder};
 use husk_vmm::stop::StopReason;
 
 use super::GlobalOpts;
-use super::monitor::{describe_stop, spawn_virtiofsd, spawn_vmm};
+use super::monitor::{JAIL_DIR, describe_stop, spawn_virtiofsd, spawn_vmm};
 
 #[derive(Subcommand, Debug)]
 pub enum TemplateCommand {
@@ -146,20 +147,28 @@ fn boot_and_snapshot(
     // The share slot: served now by a virtiofsd on an empty folder, later by each
     // container's own. The guest probes the device at boot but never mounts it here.
     let folder = SharedFolder::prepare(&build.join(SHARE_TAG), None, &[])?;
-    let fs_socket = build.join("fs.sock");
+    // The sockets in a folder of their own: the VMM's jail binds the folders of its sockets,
+    // and the snapshot's folder beside them must stay reachable once the VMM is unprivileged.
+    let sockets = build.join("run");
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&sockets)
+        .with_context(|| format!("creating {}", sockets.display()))?;
+    let fs_socket = sockets.join("fs.sock");
     let mut virtiofsd = spawn_virtiofsd(config, &folder, &fs_socket)?;
-    let vm_socket = build.join("vm.sock");
-    let api_socket = build.join("api.sock");
+    let vm_socket = sockets.join("vm.sock");
+    let api_socket = sockets.join("api.sock");
     let devices = vec![
         "--fs".into(),
         format!("socket={},tag={SHARE_TAG}", path_arg(&fs_socket)?),
         "--api-socket".into(),
         path_arg(&api_socket)?,
     ];
-    let vm_config = vm_config(config, size, &vm_socket, devices)?;
+    let vmm = vm_config(config, size, &vm_socket, devices)?;
+    let snapshot = build.join("snapshot");
     let started = Instant::now();
     let outcome = (|| {
-        let mut vmm_done = spawn_vmm(vm_config, started)?;
+        let mut vmm_done = spawn_vmm(vmm, config, build.join(JAIL_DIR), vec![snapshot.clone()])?;
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
@@ -178,8 +187,7 @@ fn boot_and_snapshot(
             anyhow::Ok(())
         })?;
         let boot = started.elapsed();
-        let figures =
-            request_snapshot(&api_socket, &build.join("snapshot")).map_err(|e| anyhow!(e))?;
+        let figures = request_snapshot(&api_socket, &snapshot).map_err(|e| anyhow!(e))?;
         let stopped = rt
             .block_on(async { tokio::time::timeout(Duration::from_secs(30), &mut vmm_done).await });
         match stopped {
