@@ -136,7 +136,10 @@ fn run(args: &Args, start: Instant) -> Outcome {
             let jailed = match crate::enter::enter(spec, &close) {
                 Ok(j) => j,
                 Err(e) => {
-                    return Outcome::Failed(format!("entering the VMM's jail: {}", error_chain(&e)));
+                    return Outcome::Failed(format!(
+                        "entering the VMM's jail: {}",
+                        error_chain(&e)
+                    ));
                 }
             };
             tracing::debug!(?host, uid = spec.uid, gid = spec.gid, root = %spec.root.display(), "VMM jailed");

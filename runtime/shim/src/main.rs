@@ -1,6 +1,6 @@
 //! `containerd-shim-husk-v2`: containerd's runtime v2 shim for husk (runtime_type
-//! `io.containerd.husk.v2`). Every container gets its own KVM micro-VM; the VMM runs inside
-//! the shim process, the container inside the VM under the husk agent.
+//! `io.containerd.husk.v2`). Every container gets its own KVM micro-VM; its VMM is a jailed
+//! process (this binary again, see `husk_jailer`), the container inside the VM under the husk agent.
 //!
 //! containerd runs this binary three ways (see `bootstrap`):
 //! - `start`: spawn the long-lived shim server and print its socket address;
