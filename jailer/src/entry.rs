@@ -9,6 +9,7 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
 use std::time::Instant;
 
+use husk_vmm::error_chain;
 use husk_vmm::stop::StopReason;
 use serde::{Deserialize, Serialize};
 use tracing_subscriber::EnvFilter;
@@ -62,21 +63,6 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
         }
     }
     Err("missing -- before the VMM's arguments".into())
-}
-
-/// The error and its sources, as one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut msg = e.to_string();
-    let mut src = e.source();
-    while let Some(s) = src {
-        let text = s.to_string();
-        if !msg.contains(&text) {
-            msg.push_str(": ");
-            msg.push_str(&text);
-        }
-        src = s.source();
-    }
-    msg
 }
 
 /// Runs the VMM process; never returns (exiting without unwinding: vCPU threads may still

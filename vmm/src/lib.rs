@@ -19,6 +19,22 @@ pub mod api;
 /// snapshots and the runtime's VM templates are only restored by the same build.
 pub const BUILD_ID: &str = env!("HUSK_VMM_BUILD_ID");
 
+/// An error and its sources as one line, each source once (many errors already include
+/// their source's text).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        let text = s.to_string();
+        if !msg.contains(&text) {
+            msg.push_str(": ");
+            msg.push_str(&text);
+        }
+        src = s.source();
+    }
+    msg
+}
+
 pub mod arch;
 pub mod config;
 pub mod cpu_template;

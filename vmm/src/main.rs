@@ -42,17 +42,7 @@ fn main() -> ExitCode {
             std::process::exit(code);
         }
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                let s_text = s.to_string();
-                if !msg.contains(&s_text) {
-                    msg.push_str(": ");
-                    msg.push_str(&s_text);
-                }
-                src = s.source();
-            }
-            eprintln!("husk-vmm: {msg}");
+            eprintln!("husk-vmm: {}", husk_vmm::error_chain(&e));
             ExitCode::from(1)
         }
     }

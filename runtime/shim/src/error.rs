@@ -49,16 +49,7 @@ impl ShimError {
 impl From<ShimError> for ttrpc::Error {
     fn from(e: ShimError) -> Self {
         // The full chain: the agent's own "<what>: <why>" is the useful part.
-        let mut msg = e.to_string();
-        let mut src = std::error::Error::source(&e);
-        while let Some(s) = src {
-            let text = s.to_string();
-            if !msg.contains(&text) {
-                msg.push_str(": ");
-                msg.push_str(&text);
-            }
-            src = s.source();
-        }
+        let msg = husk_vmm::error_chain(&e);
         ttrpc::Error::RpcStatus(ttrpc::get_status(e.code(), msg))
     }
 }
