@@ -76,6 +76,20 @@ impl Creating {
         true
     }
 
+    /// Resolves once a Kill or Delete asked for the create to be undone: its boot stops
+    /// waiting for a VM nobody wants any more.
+    pub async fn cancel_requested(&self) {
+        let mut rx = self.changed.subscribe();
+        let _ = rx
+            .wait_for(|p| {
+                matches!(
+                    p,
+                    Phase::InProgress { cancelled: true } | Phase::Cancelled(_)
+                )
+            })
+            .await;
+    }
+
     /// Waits until the create is no longer in progress.
     pub async fn settled(&self) -> Phase {
         let mut rx = self.changed.subscribe();
@@ -187,6 +201,23 @@ mod tests {
         assert!(creates.get("a").is_some(), "kept for State and Delete");
         creates.remove("a");
         assert!(creates.get("a").is_none());
+    }
+
+    #[tokio::test]
+    async fn a_booting_create_hears_of_its_cancel_at_once() {
+        let creates = Creates::default();
+        let c = creates.begin("a", &req()).unwrap();
+        let booting = {
+            let c = Arc::clone(&c);
+            tokio::spawn(async move { c.cancel_requested().await })
+        };
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        assert!(!booting.is_finished(), "no cancel yet");
+        assert!(c.cancel());
+        tokio::time::timeout(std::time::Duration::from_secs(5), booting)
+            .await
+            .expect("the boot hears of the cancel")
+            .unwrap();
     }
 
     #[tokio::test]

@@ -205,7 +205,7 @@ impl Inner {
             let vm = match existing {
                 Some(vm) => vm,
                 None => {
-                    let vm = Arc::new(self.boot_vm(req, &b, &role).await?);
+                    let vm = Arc::new(self.boot_vm(req, &b, &role, creating).await?);
                     *vm_slot = Some(Arc::clone(&vm));
                     vm
                 }
@@ -228,6 +228,12 @@ impl Inner {
                     tracing::warn!("after the failed create: {u:#}");
                 }
                 let _ = std::fs::remove_file(bundle_dir.join(RUN_DIR_FILE));
+                if creating.phase() == (Phase::InProgress { cancelled: true }) {
+                    // Undone on request: the Delete (and Wait) get an exited task, as for
+                    // a create cancelled after its boot.
+                    self.creates
+                        .cancelled(creating, Exit::now(128 + libc::SIGKILL as u32));
+                }
                 return Err(e);
             }
         };
@@ -280,7 +286,13 @@ impl Inner {
 
     /// Boots the shim's VM for its first container: a pod's sandbox container (the pod's
     /// cgroup, network and a shared folder for the pod's containers) or a lone container.
-    async fn boot_vm(&self, req: &CreateTaskRequest, b: &Bundle, role: &Role) -> ShimResult<PodVm> {
+    async fn boot_vm(
+        &self,
+        req: &CreateTaskRequest,
+        b: &Bundle,
+        role: &Role,
+        creating: &Creating,
+    ) -> ShimResult<PodVm> {
         let config = Config::load().map_err(|e| ShimError::FailedPrecondition(e.to_string()))?;
         let template = config
             .cpu_template_here()
@@ -380,8 +392,18 @@ impl Inner {
                     None
                 }
             };
-            let sandbox =
-                Sandbox::boot(&config, size, &run_dir, share, extra_args, dns, template).await?;
+            // A Kill or Delete of the create stops the wait for its VM (a slow boot, a template
+            // build first: minutes on a nested host). The VMs it started end with this shim,
+            // which exits once idle; the host side is released below.
+            let sandbox = tokio::select! {
+                s = Sandbox::boot(&config, size, &run_dir, share, extra_args, dns, template) => s?,
+                () = creating.cancel_requested() => {
+                    return Err(ShimError::FailedPrecondition(format!(
+                        "container {}: killed or deleted while its VM was booting",
+                        req.id
+                    )));
+                }
+            };
             if let Some(n) = &network
                 && let Err(e) = n
                     .configure_guest(sandbox.client(), sandbox.template_nic_mac())
