@@ -77,6 +77,21 @@ impl VmmLaunch {
         husk_jailer::launch::spawn(Path::new(SELF_EXE), &self.args, jail, console_on_stdout)
             .map_err(VmConfigError::Launch)
     }
+
+    /// Runs the VMM process to its end ([`VmmLaunch::spawn`], from the calling thread): why
+    /// its VM stopped, or why it never ran.
+    pub fn run(
+        &self,
+        runtime: &Config,
+        jail_root: &Path,
+        snapshot_dirs: &[PathBuf],
+    ) -> Result<husk_vmm::stop::StopReason, String> {
+        let process = self
+            .spawn(runtime, jail_root, snapshot_dirs)
+            .map_err(|e| format!("{e:#}"))?;
+        tracing::debug!(pid = process.id(), "VMM process started");
+        process.wait()
+    }
 }
 
 /// The VMM process is this binary again (`husk_jailer::SUBCOMMAND`): nothing to find on

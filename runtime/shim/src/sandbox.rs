@@ -318,17 +318,10 @@ pub fn run_vm(job: VmmJob, virtiofsd: Option<Virtiofsd>) -> String {
             Err(e) => return format!("{e:#}"),
         }
     }
-    let outcome = match job
+    let reason = match job
         .launch
-        .spawn(&job.runtime, &job.jail_root, &job.snapshot_dirs)
+        .run(&job.runtime, &job.jail_root, &job.snapshot_dirs)
     {
-        Ok(process) => {
-            tracing::debug!(pid = process.id(), "VMM process started");
-            process.wait()
-        }
-        Err(e) => Err(format!("{e:#}")),
-    };
-    let reason = match outcome {
         Ok(r) => r.label(),
         Err(msg) => format!("the VM could not run: {msg}"),
     };

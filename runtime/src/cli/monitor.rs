@@ -421,14 +421,7 @@ pub(super) fn spawn_vmm(
     std::thread::Builder::new()
         .name("vmm".into())
         .spawn(move || {
-            let result = match launch.spawn(&config, &jail_root, &snapshot_dirs) {
-                Ok(process) => {
-                    tracing::debug!(pid = process.id(), "VMM process started");
-                    process.wait()
-                }
-                Err(e) => Err(format!("{e:#}")),
-            };
-            let _ = tx.send(result);
+            let _ = tx.send(launch.run(&config, &jail_root, &snapshot_dirs));
         })
         .context("starting the VMM thread")?;
     Ok(vmm_done)
