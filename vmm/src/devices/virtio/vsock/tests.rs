@@ -830,7 +830,7 @@ impl Guest {
 
 /// After a restore: the transport reset goes out in the first event buffer, and a host
 /// connection is held until the driver has refilled the event queue (which it does only
-/// after handling the reset, and without a kick under EVENT_IDX), not until the deadline.
+/// after handling the reset, and without a kick under EVENT_IDX), however long that takes.
 #[test]
 fn a_restored_worker_resets_the_transport_and_holds_host_connections_until_the_refill() {
     use std::time::{Duration, Instant};
@@ -867,7 +867,7 @@ fn a_restored_worker_resets_the_transport_and_holds_host_connections_until_the_r
     dev.activate_restored(g.mem.clone(), queues, interrupt.clone())
         .unwrap();
 
-    let deadline = Instant::now() + Duration::from_secs(5);
+    let deadline = Instant::now() + Duration::from_secs(10);
     let (head, len) = loop {
         if let Some(u) = ev.pop_used(&g.mem) {
             break u;
@@ -881,7 +881,9 @@ fn a_restored_worker_resets_the_transport_and_holds_host_connections_until_the_r
 
     let mut s = UnixStream::connect(&path).unwrap();
     s.write_all(b"CONNECT 1024\n").unwrap();
-    std::thread::sleep(Duration::from_millis(100));
+    // Longer than the 1 s the device once waited: a guest restored on a loaded host took
+    // longer, and the connections let through were reset by the late reset.
+    std::thread::sleep(Duration::from_millis(1300));
     assert!(
         g.recv().is_empty(),
         "the host connection waits while the driver has not taken the reset"
@@ -900,8 +902,8 @@ fn a_restored_worker_resets_the_transport_and_holds_host_connections_until_the_r
     };
     assert_eq!(request.0.dst_port, 1024);
     assert!(
-        started.elapsed() < Duration::from_millis(900),
-        "released by the refill, not by the 1 s deadline: {:?}",
+        started.elapsed() < Duration::from_secs(10),
+        "released by the refill, not by the deadline: {:?}",
         started.elapsed()
     );
     assert!(dev.reset());
