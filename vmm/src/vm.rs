@@ -882,6 +882,7 @@ pub fn run_with(
         (None, None) => unreachable!("a boot always has a kernel image"),
     };
 
+    let main_filters = seccomp.as_ref().map(|(filters, _)| Arc::clone(filters));
     let pause = Arc::new(PauseControl::new());
     let shared = VcpuShared {
         pio: Arc::new(pio),
@@ -909,6 +910,13 @@ pub fn run_with(
         cpu_template: template.name().to_string(),
         memory_mib: config.memory_mib,
     };
+    // Every thread that needs more than this one has started: from here on this thread only
+    // serves the API and the stop (threads started earlier do not inherit this filter).
+    if let Some(filters) = main_filters
+        && let Err(e) = filters.confine_current(crate::seccomp::ThreadKind::Main)
+    {
+        stop.request(StopReason::VmmError(e.to_string()));
+    }
     let reason = wait_for_stop(&stop, &sigfd, api.as_ref(), &machine);
     metrics.write(serde_json::json!({
         "event": "exit",

@@ -34,6 +34,9 @@ ioctl_ior_nr!(KVM_GET_XSAVE, KVMIO, 0xa4, kvm_bindings::kvm_xsave);
 ioctl_ior_nr!(KVM_GET_XCRS, KVMIO, 0xa6, kvm_bindings::kvm_xcrs);
 ioctl_io_nr!(KVM_GET_TSC_KHZ, KVMIO, 0xa3);
 ioctl_io_nr!(KVM_GET_STATS_FD, KVMIO, 0xce);
+ioctl_iowr_nr!(KVM_GET_IRQCHIP, KVMIO, 0x62, kvm_bindings::kvm_irqchip);
+ioctl_ior_nr!(KVM_GET_CLOCK, KVMIO, 0x7c, kvm_bindings::kvm_clock_data);
+ioctl_ior_nr!(KVM_GET_PIT2, KVMIO, 0x9f, kvm_bindings::kvm_pit_state2);
 
 /// The vCPU ioctls: running the guest, and reading the vCPU's own state for a snapshot,
 /// a crash report or the profiler. No KVM_SET_* (restore happens before the thread is
@@ -60,6 +63,18 @@ fn vcpu_ioctls() -> Vec<u64> {
 /// Sockets a device worker accepts from the vsock listener are switched to non-blocking.
 fn worker_ioctls() -> Vec<u64> {
     vec![libc::FIONBIO, libc::FIOCLEX]
+}
+
+/// The main thread reads the VM's own state for a snapshot (the vCPUs save theirs) and
+/// switches API connections to blocking; no KVM_SET_*, no new vCPUs, memory or devices.
+fn main_ioctls() -> Vec<u64> {
+    vec![
+        KVM_GET_IRQCHIP(),
+        KVM_GET_CLOCK(),
+        KVM_GET_PIT2(),
+        libc::FIONBIO,
+        libc::FIOCLEX,
+    ]
 }
 
 /// What every Rust thread of the VMM needs to run at all: memory, locks and channels,
@@ -142,6 +157,47 @@ const VCPU_EXTRA: &[libc::c_long] = &[
     libc::SYS_ppoll,
 ];
 
+/// The main thread once the VM runs: waiting for a stop (eventfd, signalfd, the API
+/// socket), answering API requests, writing a snapshot into the folder a request names
+/// (create, write, truncate, sync, rename, remove), pausing and ending vCPU threads, and
+/// releasing the VM. It may open files (snapshots and `--profile` output go where the
+/// host asks; the jail decides what exists), but not exec, mount, create sockets, start
+/// threads or processes, or change credentials.
+const MAIN: &[libc::c_long] = &[
+    libc::SYS_poll,
+    libc::SYS_ppoll,
+    libc::SYS_epoll_ctl,
+    libc::SYS_accept4,
+    libc::SYS_recvfrom,
+    libc::SYS_sendto,
+    libc::SYS_recvmsg,
+    libc::SYS_sendmsg,
+    libc::SYS_shutdown,
+    libc::SYS_setsockopt,
+    libc::SYS_getsockopt,
+    libc::SYS_fcntl,
+    libc::SYS_open,
+    libc::SYS_openat,
+    libc::SYS_newfstatat,
+    libc::SYS_statx,
+    libc::SYS_fstat,
+    libc::SYS_lseek,
+    libc::SYS_readv,
+    libc::SYS_pread64,
+    libc::SYS_pwrite64,
+    libc::SYS_pwritev,
+    libc::SYS_ftruncate,
+    libc::SYS_fsync,
+    libc::SYS_fdatasync,
+    libc::SYS_mkdir,
+    libc::SYS_mkdirat,
+    libc::SYS_rename,
+    libc::SYS_renameat,
+    libc::SYS_renameat2,
+    libc::SYS_unlink,
+    libc::SYS_unlinkat,
+];
+
 /// Starting threads, and the new thread's own start-up before it confines itself
 /// (naming itself, installing its filter).
 const SPAWN: &[libc::c_long] = &[
@@ -194,6 +250,19 @@ pub(super) fn rules(kind: ThreadKind) -> BTreeMap<i64, Vec<SeccompRule>> {
             allow(DEVICE_IO);
             map.insert(libc::SYS_ioctl, ioctl_rules(&worker_ioctls()));
             map.insert(libc::SYS_socket, unix_socket_rule());
+        }
+        ThreadKind::Main => {
+            allow(MAIN);
+            map.insert(libc::SYS_ioctl, ioctl_rules(&main_ioctls()));
+            // Kicks of this process's own vCPU threads only.
+            map.insert(
+                libc::SYS_tgkill,
+                vec![rule(vec![cond(
+                    0,
+                    SeccompCmpOp::Eq,
+                    std::process::id() as u64,
+                )])],
+            );
         }
         ThreadKind::Spawner => {
             // Workers start here and inherit this filter before adding their own, so it
@@ -249,6 +318,9 @@ mod tests {
         assert_eq!(KVM_GET_MSRS(), 0xC008_AE88);
         assert_eq!(KVM_GET_XSAVE(), 0x9000_AEA4);
         assert_eq!(KVM_GET_STATS_FD(), 0xAECE);
+        assert_eq!(KVM_GET_IRQCHIP(), 0xC208_AE62);
+        assert_eq!(KVM_GET_CLOCK(), 0x8030_AE7C);
+        assert_eq!(KVM_GET_PIT2(), 0x8070_AE9F);
     }
 
     #[test]
@@ -291,16 +363,33 @@ mod tests {
             }
             filter(kind).expect("compiles");
         }
-        let spawner = rules(ThreadKind::Spawner);
+        for kind in [ThreadKind::Spawner, ThreadKind::Main] {
+            let r = rules(kind);
+            for nr in [
+                libc::SYS_execve,
+                libc::SYS_execveat,
+                libc::SYS_mount,
+                libc::SYS_ptrace,
+                libc::SYS_kill,
+                libc::SYS_setuid,
+                libc::SYS_bpf,
+            ] {
+                assert!(!r.contains_key(&nr), "{kind:?} allows syscall {nr}");
+            }
+            filter(kind).expect("compiles");
+        }
+        let main = rules(ThreadKind::Main);
         for nr in [
-            libc::SYS_execve,
-            libc::SYS_mount,
-            libc::SYS_ptrace,
-            libc::SYS_kill,
+            libc::SYS_clone,
+            libc::SYS_clone3,
+            libc::SYS_fork,
+            libc::SYS_socket,
+            libc::SYS_prctl,
+            libc::SYS_seccomp,
         ] {
             assert!(
-                !spawner.contains_key(&nr),
-                "the spawner allows syscall {nr}"
+                !main.contains_key(&nr),
+                "the main thread allows syscall {nr}"
             );
         }
         assert!(!rules(ThreadKind::Vcpu).contains_key(&libc::SYS_clone3));

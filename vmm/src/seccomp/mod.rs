@@ -14,9 +14,11 @@
 //! spawner thread ([`spawner`]) whose filter covers what workers need; the worker then adds
 //! its own.
 //!
-//! The thread that calls [`crate::vm::run`] (the VMM's setup, API socket and snapshot
-//! writing, and in the containerd shim and the CLI's monitor their own code) is not
-//! confined here: see docs/security.md for what that leaves.
+//! The thread that calls [`crate::vm::run`] sets the VM up unconfined (it opens the
+//! kernel, images, sockets and /dev/kvm), then confines itself as [`ThreadKind::Main`]
+//! once every vCPU runs, before it waits for the VM's stop, serves the API socket and
+//! writes snapshots. `run` must therefore be the only work of its process: `husk-vmm`, or
+//! the runtime's jailed `__vmm` entry.
 
 mod filters;
 pub mod sigsys;
@@ -48,6 +50,8 @@ pub enum ThreadKind {
     Vcpu,
     DeviceWorker,
     Spawner,
+    /// The thread that set the VM up, once every other thread runs.
+    Main,
 }
 
 impl ThreadKind {
@@ -56,6 +60,7 @@ impl ThreadKind {
             ThreadKind::Vcpu => "vcpu",
             ThreadKind::DeviceWorker => "device worker",
             ThreadKind::Spawner => "spawner",
+            ThreadKind::Main => "main",
         }
     }
 }
@@ -86,6 +91,7 @@ pub struct Filters {
     vcpu: BpfProgram,
     worker: BpfProgram,
     spawner: BpfProgram,
+    main: BpfProgram,
     spawner_open_refusal: BpfProgram,
 }
 
@@ -101,6 +107,7 @@ impl Filters {
             vcpu: compile(ThreadKind::Vcpu)?,
             worker: compile(ThreadKind::DeviceWorker)?,
             spawner: compile(ThreadKind::Spawner)?,
+            main: compile(ThreadKind::Main)?,
             spawner_open_refusal: filters::spawner_open_refusal()
                 .and_then(BpfProgram::try_from)
                 .map_err(|source| SeccompError::Compile {
@@ -117,6 +124,7 @@ impl Filters {
             ThreadKind::Vcpu => &self.vcpu,
             ThreadKind::DeviceWorker => &self.worker,
             ThreadKind::Spawner => &self.spawner,
+            ThreadKind::Main => &self.main,
         }
     }
 

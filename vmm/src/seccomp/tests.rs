@@ -10,11 +10,15 @@ use std::process::Command;
 use super::*;
 
 const PROBE_ENV: &str = "HUSK_SECCOMP_PROBE";
+/// A folder the probe may write (removed by the parent).
+const PROBE_DIR_ENV: &str = "HUSK_SECCOMP_PROBE_DIR";
 
 /// Runs `case` in a child process; returns its exit status (128+N for death by signal N)
 /// and stderr.
 fn run_probe(case: &str) -> (i32, String) {
     let exe = std::env::current_exe().expect("test binary path");
+    let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/husk-seccomp")
+        .expect("a temporary folder");
     let out = Command::new(exe)
         .args([
             "--ignored",
@@ -24,6 +28,7 @@ fn run_probe(case: &str) -> (i32, String) {
             "--test-threads=1",
         ])
         .env(PROBE_ENV, case)
+        .env(PROBE_DIR_ENV, dir.as_path())
         .output()
         .expect("running the probe child");
     (
@@ -105,6 +110,31 @@ fn the_spawner_cannot_exec() {
 }
 
 #[test]
+fn the_main_thread_cannot_exec() {
+    assert_trapped("main-exec", libc::SYS_execve);
+}
+
+#[test]
+fn the_main_thread_cannot_open_an_inet_socket() {
+    assert_trapped("main-inet", libc::SYS_socket);
+}
+
+#[test]
+fn the_main_thread_cannot_start_a_thread() {
+    assert_trapped("main-clone", libc::SYS_clone3);
+}
+
+#[test]
+fn the_main_thread_cannot_issue_vm_ioctls_that_change_the_vm() {
+    assert_trapped("main-vm-ioctl", libc::SYS_ioctl);
+}
+
+#[test]
+fn the_main_thread_writes_a_snapshot_and_kicks_its_own_threads() {
+    assert_survives("main-snapshot-io");
+}
+
+#[test]
 fn a_worker_started_from_a_confined_vcpu_does_device_io() {
     assert_survives("worker-io");
 }
@@ -133,6 +163,10 @@ fn probe() {
             let _guard = enter(filters, Some(spawner));
             let worker = spawn_worker("probe-worker", move || act(&action)).unwrap();
             worker.join().unwrap();
+        }),
+        "main" => std::thread::spawn(move || {
+            filters.confine_current(ThreadKind::Main).unwrap();
+            act(&action);
         }),
         other => panic!("unknown kind {other}"),
     };
@@ -180,6 +214,32 @@ fn act(action: &str) {
                 let epfd = libc::epoll_create1(libc::EPOLL_CLOEXEC);
                 assert!(epfd >= 0);
                 libc::close(epfd);
+                tracing::warn!("logging still works");
+                return;
+            }
+            "snapshot-io" => {
+                // What Machine::snapshot and the end of vm::run do, through std as they do.
+                let dir = std::path::PathBuf::from(std::env::var_os(PROBE_DIR_ENV).unwrap())
+                    .join("snapshot");
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .create(&dir)
+                    .unwrap();
+                let tmp = dir.join("state.tmp");
+                assert!(!dir.join("state").exists());
+                let f = std::fs::File::create(&tmp).unwrap();
+                std::os::unix::fs::FileExt::write_all_at(&f, b"state", 4096).unwrap();
+                f.set_len(8192).unwrap();
+                f.sync_all().unwrap();
+                drop(f);
+                std::fs::rename(&tmp, dir.join("state")).unwrap();
+                std::fs::remove_file(dir.join("state")).unwrap();
+                let own = libc::syscall(libc::SYS_gettid) as libc::pid_t;
+                assert_eq!(
+                    libc::syscall(libc::SYS_tgkill, libc::getpid(), own, 0),
+                    0,
+                    "tgkill of an own thread"
+                );
                 tracing::warn!("logging still works");
                 return;
             }
