@@ -99,7 +99,10 @@ impl JailSpec {
             } else {
                 BindKind::Writable
             };
-            binds.add("the block image", &b.path, kind)?;
+            // An empty slot (a template build) has no host side.
+            if let Some(path) = &b.path {
+                binds.add("the block image", path, kind)?;
+            }
         }
         for f in &config.fs {
             binds.add_parent("the virtio-fs socket", &f.socket)?;

@@ -122,32 +122,37 @@ pub struct TemplateInputs {
     pub cpu_template: String,
     pub kernel_cmdline: String,
     pub guest_console: Option<PathBuf>,
-    /// The virtio devices the VM has besides vsock, in slot order (`fs:<tag>`).
+    /// The virtio devices the VM has besides vsock, in slot order (`blk:<serial>,ro`,
+    /// `fs:<tag>`, `net`).
     pub slots: Vec<String>,
 }
 
 /// The `net` slot of a pod VM's NIC.
 pub const NET_SLOT: &str = "net";
 
-/// The device slots a container's VM needs, or why no template can serve it yet.
-/// A pod VM (`has_nic`) has its NIC after the share.
-pub fn slots_for(
-    mode: RootfsMode,
-    has_binds: bool,
-    share_tag: &str,
-    has_nic: bool,
-) -> Result<Vec<String>, String> {
+/// The `blk` slot of a container's rootfs image (read-only, by its serial).
+pub fn rootfs_block_slot() -> String {
+    format!("blk:{},ro", crate::vm_config::ROOTFS_SERIAL)
+}
+
+/// The device slots a container's VM needs, in slot order (block, share, NIC). In block mode the rootfs is a `blk` slot, empty in the
+/// template, and the share exists only for host binds; a pod VM (`has_nic`) has its NIC
+/// last.
+pub fn slots_for(mode: RootfsMode, has_binds: bool, share_tag: &str, has_nic: bool) -> Vec<String> {
+    let mut slots = Vec::new();
     match mode {
-        RootfsMode::Virtiofs if has_nic => Ok(vec![format!("fs:{share_tag}"), NET_SLOT.into()]),
-        RootfsMode::Virtiofs => Ok(vec![format!("fs:{share_tag}")]),
-        RootfsMode::Block if has_binds => Err(
-            "rootfs_mode = \"block\" with host bind mounts: templates have no block slot yet"
-                .into(),
-        ),
+        RootfsMode::Virtiofs => slots.push(format!("fs:{share_tag}")),
         RootfsMode::Block => {
-            Err("rootfs_mode = \"block\": templates have no block slot yet".into())
+            slots.push(rootfs_block_slot());
+            if has_binds {
+                slots.push(format!("fs:{share_tag}"));
+            }
         }
     }
+    if has_nic {
+        slots.push(NET_SLOT.into());
+    }
+    slots
 }
 
 impl TemplateInputs {
@@ -554,7 +559,7 @@ mod tests {
                 vcpus: 1,
                 memory_mib: 128,
             },
-            slots_for(RootfsMode::Virtiofs, false, "shared", false).unwrap(),
+            slots_for(RootfsMode::Virtiofs, false, "shared", false),
         )
         .unwrap()
     }
@@ -680,13 +685,23 @@ mod tests {
     }
 
     #[test]
-    fn block_mode_has_no_template_slot_yet() {
+    fn block_mode_has_a_rootfs_slot_and_a_share_only_for_binds() {
         assert_eq!(
-            slots_for(RootfsMode::Virtiofs, true, "shared", false).unwrap(),
+            slots_for(RootfsMode::Virtiofs, true, "shared", false),
             vec!["fs:shared".to_string()]
         );
-        let why = slots_for(RootfsMode::Block, false, "shared", false).unwrap_err();
-        assert!(why.contains("block"), "{why}");
+        assert_eq!(
+            slots_for(RootfsMode::Block, false, "shared", false),
+            vec!["blk:rootfs,ro".to_string()]
+        );
+        assert_eq!(
+            slots_for(RootfsMode::Block, true, "shared", true),
+            vec![
+                "blk:rootfs,ro".to_string(),
+                "fs:shared".to_string(),
+                "net".to_string()
+            ]
+        );
     }
 
     #[test]
@@ -697,11 +712,11 @@ mod tests {
     #[test]
     fn a_pod_with_a_nic_has_a_net_slot_after_its_share() {
         assert_eq!(
-            slots_for(RootfsMode::Virtiofs, false, "shared", false).unwrap(),
+            slots_for(RootfsMode::Virtiofs, false, "shared", false),
             vec!["fs:shared".to_string()]
         );
         assert_eq!(
-            slots_for(RootfsMode::Virtiofs, false, "shared", true).unwrap(),
+            slots_for(RootfsMode::Virtiofs, false, "shared", true),
             vec!["fs:shared".to_string(), "net".to_string()]
         );
     }

@@ -21,6 +21,18 @@ pub enum VmConfigError {
     Launch(husk_jailer::LaunchError),
 }
 
+/// The serial of a container's rootfs disk in block mode; the agent finds the disk by it.
+pub const ROOTFS_SERIAL: &str = "rootfs";
+
+/// The `--block` value of a container's read-only rootfs disk: its `image`, or none (the
+/// empty slot a template VM is booted with; each restore fills it with its own image).
+pub fn rootfs_block_arg(image: Option<&Path>) -> Result<String, VmConfigError> {
+    Ok(match image {
+        Some(image) => format!("path={},ro=on,serial={ROOTFS_SERIAL}", path_arg(image)?),
+        None => format!("empty=on,ro=on,serial={ROOTFS_SERIAL}"),
+    })
+}
+
 /// `p` as a VMM argument (device options are comma-separated `key=value` lists).
 pub fn path_arg(p: &Path) -> Result<String, VmConfigError> {
     let s = p

@@ -5,12 +5,13 @@
 //! - host memory (PSS, guest RAM included) of `HUSK_BENCH_CLONES` (default 3) VMs each
 //!   booted to its agent against as many restored from one snapshot, all alive at once
 //!   (restored VMs share the snapshot's unchanged pages);
-//! - `husk run /bin/true` end to end (virtio-fs rootfs) with `template = "off"` vs
-//!   `template = "auto"` and a template made by `husk template create`, plus the time that
-//!   create took.
+//! - `husk run /bin/true` end to end, in each rootfs mode (virtio-fs: the template's share
+//!   bound to the container's virtiofsd; block: the template's empty disk slot filled with
+//!   the container's image), with `template = "off"` vs `template = "auto"` and a template
+//!   made by `husk template create`, plus the time that create took.
 //!
 //! `cargo bench -p husk-tests --bench warm_start`. `HUSK_BENCH_RUNS` (default 3) runs of
-//! each kind.
+//! each kind; `HUSK_BENCH_PARTS` (default `vmm,virtiofs,block`) picks the parts.
 
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -113,15 +114,19 @@ fn pss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-fn cli_figures(image: &GuestImage, runs: u64) {
-    let Some(virtiofsd) = find_virtiofsd() else {
-        println!("virtiofsd not found: husk run figures skipped");
-        return;
+fn cli_figures(image: &GuestImage, runs: u64, mode: &str) {
+    let base = if mode == "virtiofs" {
+        let Some(virtiofsd) = find_virtiofsd() else {
+            println!("virtiofsd not found: husk run figures in virtio-fs mode skipped");
+            return;
+        };
+        format!(
+            "rootfs_mode = \"virtiofs\"\nvirtiofsd = {:?}\n",
+            virtiofsd.display().to_string()
+        )
+    } else {
+        format!("rootfs_mode = \"{mode}\"\n")
     };
-    let base = format!(
-        "rootfs_mode = \"virtiofs\"\nvirtiofsd = {:?}\n",
-        virtiofsd.display().to_string()
-    );
     let husk = Husk::new(&Husk::guest_config(image, &base)).expect("husk setup");
     let config = |template: &str| {
         std::fs::write(
@@ -139,7 +144,10 @@ fn cli_figures(image: &GuestImage, runs: u64) {
         "template create: {}",
         String::from_utf8_lossy(&o.stderr)
     );
-    println!("husk template create: {:.1} s", t.elapsed().as_secs_f64());
+    println!(
+        "husk template create ({mode}): {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
     let bundle = Bundle::busybox(husk.dir(), "true", &spec(&["true"], true)).expect("bundle");
     let run = |id: &str| {
         let t = Instant::now();
@@ -164,13 +172,19 @@ fn cli_figures(image: &GuestImage, runs: u64) {
     }
     let cold = Stats::of(cold).expect("runs");
     let warm = Stats::of(warm).expect("runs");
-    println!("{}", cold.line("husk run /bin/true, cold boot", "runs"));
     println!(
         "{}",
-        warm.line("husk run /bin/true, from a template", "runs")
+        cold.line(&format!("husk run /bin/true ({mode}), cold boot"), "runs")
     );
     println!(
-        "ratio cold / template husk run, p50: {:.1}x",
+        "{}",
+        warm.line(
+            &format!("husk run /bin/true ({mode}), from a template"),
+            "runs"
+        )
+    );
+    println!(
+        "ratio cold / template husk run ({mode}), p50: {:.1}x",
         ratio(&cold, &warm)
     );
 }
@@ -182,6 +196,12 @@ fn main() {
         return;
     }
     let image = GuestImage::locate_or_build().expect("guest image");
-    vmm_figures(&image, runs);
-    cli_figures(&image, runs);
+    let parts = std::env::var("HUSK_BENCH_PARTS").unwrap_or_else(|_| "vmm,virtiofs,block".into());
+    for part in parts.split(',') {
+        match part {
+            "vmm" => vmm_figures(&image, runs),
+            "virtiofs" | "block" => cli_figures(&image, runs, part),
+            other => panic!("HUSK_BENCH_PARTS: unknown part {other:?} (vmm, virtiofs, block)"),
+        }
+    }
 }

@@ -1,12 +1,43 @@
 //! VM templates through the CLI: `husk template create` boots one VM and snapshots it;
-//! `husk run` (virtio-fs rootfs, `template = "auto"`) then restores it instead of booting,
-//! binds the share to the container's own virtiofsd and makes each clone unique. One VM
-//! boot and two restores; skips without KVM, the guest image or virtiofsd.
+//! `husk run` (`template = "auto"`) then restores it instead of booting: in virtio-fs mode
+//! it binds the share to the container's own virtiofsd, in block mode it fills the
+//! template's empty disk slot with the container's image; each clone is made unique. Per
+//! mode one VM boot and two restores, one VM at a time; skips without KVM or the guest
+//! image (and virtiofsd for the virtio-fs case).
 
 use std::process::Stdio;
 
+use husk_tests::GuestImage;
+use husk_tests::host::skip_without_kvm;
 use husk_tests::husk_cli::{Bundle, Husk, spec, virtiofs_setup};
 use serde_json::Value;
+
+/// Two guests booting side by side on a small host each take several times longer.
+static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `husk --log LOG run` of a bundle; returns stdout and the log, after checking success.
+fn run_logged(husk: &Husk, b: &Bundle, id: &str) -> (String, String) {
+    let log = husk.dir().join(format!("{id}.log"));
+    let o = husk
+        .command(&[
+            "--log",
+            log.to_str().unwrap(),
+            "run",
+            "--bundle",
+            b.path(),
+            id,
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let log_text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        o.status.success(),
+        "husk run {id}: {}\n{log_text}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    (String::from_utf8_lossy(&o.stdout).into_owned(), log_text)
+}
 
 fn templates(husk: &Husk) -> Vec<Value> {
     let o = husk
@@ -26,6 +57,7 @@ fn templates(husk: &Husk) -> Vec<Value> {
 
 #[test]
 fn run_restores_a_template_into_unique_containers_on_their_own_share() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let test = "run_restores_a_template_into_unique_containers_on_their_own_share";
     let Some((image, base)) = virtiofs_setup(test) else {
         return;
@@ -79,27 +111,7 @@ fn run_restores_a_template_into_unique_containers_on_their_own_share() {
         )
         .unwrap();
         std::fs::write(b.dir.join("rootfs/whoami"), format!("bundle {name}\n")).unwrap();
-        let log = husk.dir().join(format!("run{n}.log"));
-        let id = format!("t{n}");
-        let o = husk
-            .command(&[
-                "--log",
-                log.to_str().unwrap(),
-                "run",
-                "--bundle",
-                b.path(),
-                &id,
-            ])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let log_text = std::fs::read_to_string(&log).unwrap_or_default();
-        let out = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert!(
-            o.status.success(),
-            "husk run {id}: {}\n{log_text}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        let (out, log_text) = run_logged(&husk, &b, &format!("t{n}"));
         let mut lines = out.lines();
         assert_eq!(
             lines.next(),
@@ -147,4 +159,91 @@ fn run_restores_a_template_into_unique_containers_on_their_own_share() {
         left.is_empty(),
         "nothing of the templates is left: {left:?}"
     );
+}
+
+#[test]
+fn run_restores_a_block_template_with_each_containers_image_in_its_disk_slot() {
+    let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
+    let test = "run_restores_a_block_template_with_each_containers_image_in_its_disk_slot";
+    if skip_without_kvm(test) {
+        return;
+    }
+    let image = match GuestImage::locate_or_build() {
+        Ok(i) => i,
+        Err(e) => {
+            eprintln!("SKIPPED {test}: no guest image: {e:#}");
+            return;
+        }
+    };
+    let config = Husk::guest_config(&image, "rootfs_mode = \"block\"\nlog_level = \"info\"\n");
+    let husk = Husk::new(&config).expect("husk setup");
+
+    let o = husk
+        .output(&[
+            "template",
+            "create",
+            "--rootfs-mode",
+            "virtiofs",
+            "--volumes",
+        ])
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("--volumes is for --rootfs-mode block"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    // The configuration's mode (block) by default.
+    let o = husk.output(&["template", "create"]).unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "template create: {stderr}");
+    let key = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    eprintln!("template create: {}", stderr.lines().last().unwrap_or(""));
+    let listed = templates(&husk);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0]["slots"], serde_json::json!(["blk:rootfs,ro"]));
+
+    // Two images of different sizes in the slot that was empty at the snapshot: the guest
+    // sees each one's capacity and content.
+    let mut uuids = Vec::new();
+    for n in 0..2usize {
+        let name = format!("k{n}");
+        let b = Bundle::busybox(
+            husk.dir(),
+            &name,
+            &spec(
+                &[
+                    "sh",
+                    "-c",
+                    "cat /whoami; wc -c < /filler; cat /proc/sys/kernel/random/uuid",
+                ],
+                true,
+            ),
+        )
+        .unwrap();
+        std::fs::write(b.dir.join("rootfs/whoami"), format!("bundle {name}\n")).unwrap();
+        let filler = vec![b'f'; (1 + 3 * n) << 20];
+        std::fs::write(b.dir.join("rootfs/filler"), &filler).unwrap();
+        let (out, log_text) = run_logged(&husk, &b, &format!("k{n}"));
+        let mut lines = out.lines();
+        assert_eq!(
+            lines.next(),
+            Some(format!("bundle {name}").as_str()),
+            "{out}\n{log_text}"
+        );
+        assert_eq!(
+            lines.next().map(str::trim),
+            Some(filler.len().to_string().as_str()),
+            "{out}"
+        );
+        uuids.push(lines.next().unwrap_or_default().to_owned());
+        assert!(
+            log_text.contains("VM restored from its template") && log_text.contains(&key),
+            "the VM was restored, not booted: {log_text}"
+        );
+    }
+    assert_ne!(uuids[0], uuids[1], "clones draw different random numbers");
+
+    let o = husk.output(&["template", "rm", "--all"]).unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }

@@ -17,7 +17,10 @@
 //! - SIGKILL of a running container's shim: containerd reports the task's exit and cleans
 //!   up through the shim's `delete` (task gone, run folder and mounts removed).
 //!
-//! Six VMs boot, one after the other. Skips without /dev/kvm, root, containerd or the
+//! - block mode with `template = "auto"`: two `ctr run --rm` restore one template whose
+//!   empty disk slot each fills with its own image.
+//!
+//! Seven VMs boot and two are restored, one after the other. Skips without /dev/kvm, root, containerd or the
 //! guest image. The rootfs goes over virtio-fs when virtiofsd is installed, else as a block
 //! image. `HUSK_TEST_CONSOLE=1` writes the guest console and agent logs to the test dir.
 
@@ -633,6 +636,67 @@ fn ctr_runs_containers_in_husk_vms() {
     ctr_ok(&["containers", "delete", "r1"]);
     eprintln!("containerd restart: shim {before:?} kept its task; exec, kill, delete after it");
 
+    // 5. Block mode from a template: the first `ctr run` builds the template (its disk
+    // slot empty) and restores it with its own image in the slot, the second restores it.
+    // Shims read the configuration when they start.
+    let templates = work.path().join("templates");
+    let block_config = format!(
+        "kernel = {:?}\ninitramfs = {:?}\nrootfs_mode = \"block\"\nboot_timeout_secs = 300\ntemplate = \"auto\"\ntemplate_dir = {:?}\nlog_level = \"info\"\n",
+        image.kernel.display().to_string(),
+        image.initramfs.display().to_string(),
+        templates.display().to_string(),
+    );
+    std::fs::write(&config_path, block_config).expect("husk.toml");
+    for id in ["blk1", "blk2"] {
+        let t = Instant::now();
+        let out = ctrd
+            .ctr_timeout(
+                RUN_TIMEOUT,
+                &[
+                    "run",
+                    "--rm",
+                    "--runtime",
+                    RUNTIME,
+                    IMAGE,
+                    id,
+                    "sh",
+                    "-c",
+                    "cat /proc/sys/kernel/random/uuid; mount | grep -c ' / '",
+                ],
+            )
+            .expect("ctr run in block mode");
+        check_true(
+            out.status.success() && text(&out.stdout).lines().count() == 2,
+            &format!("ctr run --rm {id} (block mode, template)"),
+            &format!(
+                "{}; stdout {:?}, stderr {:?}",
+                out.status,
+                text(&out.stdout),
+                text(&out.stderr)
+            ),
+        );
+        eprintln!("ctr run --rm {id} in block mode: {:?}", t.elapsed());
+    }
+    let log = std::fs::read_to_string(ctrd.dir().join("containerd.log")).unwrap_or_default();
+    let restores = log.matches("VM restored from its template").count();
+    check_true(
+        log.contains("template built") && restores >= 2,
+        "both block-mode VMs restored from one template",
+        &format!("{restores} restores in containerd's log"),
+    );
+    let manifests: Vec<String> = std::fs::read_dir(&templates)
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| std::fs::read_to_string(e.path().join("manifest.json")).ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    check_true(
+        manifests.len() == 1 && manifests[0].contains("\"blk:rootfs,ro\""),
+        "one block-slot template",
+        &format!("{manifests:?}"),
+    );
+
     // Nothing left behind: the shims exit after Shutdown, the rootfs mounts are gone.
     let deadline = Instant::now() + Duration::from_secs(30);
     while !(shims_of("d1").is_empty()
@@ -640,7 +704,9 @@ fn ctr_runs_containers_in_husk_vms() {
         && shims_of("seq1").is_empty()
         && shims_of("k1").is_empty()
         && shims_of("b1").is_empty()
-        && shims_of("r1").is_empty())
+        && shims_of("r1").is_empty()
+        && shims_of("blk1").is_empty()
+        && shims_of("blk2").is_empty())
     {
         if Instant::now() >= deadline {
             fail(

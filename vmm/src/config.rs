@@ -178,7 +178,9 @@ impl FromStr for Console {
 /// One `--block` device.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlockSpec {
-    pub path: PathBuf,
+    /// `None` (`empty=on`): a slot without a medium, of capacity 0, that a template VM is
+    /// booted with; a restore of that template fills it with the image its `path` names.
+    pub path: Option<PathBuf>,
     pub read_only: bool,
     pub serial: Option<String>,
 }
@@ -194,7 +196,7 @@ impl FromStr for BlockSpec {
             spec: s.to_string(),
             why: why.to_string(),
         };
-        let (mut path, mut read_only, mut serial) = (None, false, None);
+        let (mut path, mut read_only, mut serial, mut empty) = (None, false, None, false);
         for part in s.split(',') {
             let (key, value) = part
                 .split_once('=')
@@ -206,6 +208,10 @@ impl FromStr for BlockSpec {
                     read_only = parse_switch(value)
                         .ok_or_else(|| bad(&format!("ro={value}: expected on or off")))?
                 }
+                "empty" => {
+                    empty = parse_switch(value)
+                        .ok_or_else(|| bad(&format!("empty={value}: expected on or off")))?
+                }
                 "serial" => {
                     if value.len() > BLOCK_SERIAL_MAX || !value.is_ascii() {
                         return Err(bad("serial must be at most 20 ASCII characters"));
@@ -215,8 +221,17 @@ impl FromStr for BlockSpec {
                 other => return Err(bad(&format!("unknown key '{other}'"))),
             }
         }
+        let path = match (path, empty) {
+            (Some(_), true) => return Err(bad("path= and empty=on exclude each other")),
+            (None, false) => {
+                return Err(bad(
+                    "missing path= (or empty=on for a slot a restore fills)",
+                ));
+            }
+            (path, _) => path,
+        };
         Ok(BlockSpec {
-            path: path.ok_or_else(|| bad("missing path="))?,
+            path,
             read_only,
             serial,
         })
@@ -636,6 +651,8 @@ mod tests {
             "path=/a.img,ro=on,serial=root",
             "--block",
             "path=/b.img",
+            "--block",
+            "empty=on,ro=on,serial=slot",
             "--rng",
             "off",
             "--console",
@@ -661,14 +678,19 @@ mod tests {
             c.blocks,
             vec![
                 BlockSpec {
-                    path: "/a.img".into(),
+                    path: Some("/a.img".into()),
                     read_only: true,
                     serial: Some("root".into())
                 },
                 BlockSpec {
-                    path: "/b.img".into(),
+                    path: Some("/b.img".into()),
                     read_only: false,
                     serial: None
+                },
+                BlockSpec {
+                    path: None,
+                    read_only: true,
+                    serial: Some("slot".into())
                 },
             ]
         );
@@ -702,6 +724,10 @@ mod tests {
         );
         assert!(msg(&["--kernel", "k", "--vsock-cid", "5"]).contains("without --vsock-uds"));
         assert!(msg(&["--kernel", "k", "--block", "ro=on"]).contains("missing path="));
+        assert!(
+            msg(&["--kernel", "k", "--block", "path=/x,empty=on"]).contains("exclude each other")
+        );
+        assert!(msg(&["--kernel", "k", "--block", "empty=maybe"]).contains("empty=maybe"));
         assert!(msg(&["--kernel", "k", "--block", "path=/x,ro=maybe"]).contains("ro=maybe"));
         assert!(msg(&["--kernel", "k", "--block", "path=/x,foo=1"]).contains("unknown key 'foo'"));
         assert!(msg(&["--kernel", "k", "--block", "/x"]).contains("not key=value"));

@@ -280,7 +280,7 @@ pub fn block(data: &[u8]) {
     let (mem, queues) = read_guest(&mut input, 1);
     let (image, path) = memfd_image(sectors);
     let mut dev = Block::new(BlockConfig {
-        path: path.into(),
+        path: Some(path.into()),
         read_only,
         serial: Some("husk-fuzz".into()),
     })
@@ -527,7 +527,7 @@ fn mmio_device(kind: u8) -> (Box<dyn VirtioDevice>, Backing) {
         1 => {
             let (image, path) = memfd_image(8);
             let dev = Block::new(BlockConfig {
-                path: path.into(),
+                path: Some(path.into()),
                 read_only: false,
                 serial: None,
             })

@@ -460,7 +460,10 @@ fn virtio_devices(config: &VmConfig, stop: &StopSignal) -> Result<Vec<PlannedDev
             serial: b.serial.clone(),
         })
         .map_err(|source| VmError::Block {
-            path: b.path.display().to_string(),
+            path: b
+                .path
+                .as_ref()
+                .map_or_else(|| "(empty slot)".to_string(), |p| p.display().to_string()),
             source,
         })?;
         devs.push(Box::new(dev));

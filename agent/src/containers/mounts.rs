@@ -3,6 +3,7 @@
 //! so removal unmounts exactly what was mounted, innermost first.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{BlockRootfs, DirectoryRootfs, Rootfs, rootfs};
 use nix::mount::{MntFlags, MsFlags, mount, umount2};
@@ -14,6 +15,12 @@ pub const SYS_BLOCK: &str = "/sys/block";
 
 /// Longest virtio-blk serial (VIRTIO_BLK_ID_BYTES).
 const MAX_SERIAL: usize = 20;
+
+/// How long a rootfs disk may show no medium. A VM restored from a template gets its image
+/// in a slot that was empty at the snapshot; the guest kernel learns the new capacity from
+/// a config-change interrupt, in a work queue, shortly after the restore (seconds on a
+/// host whose KVM emulates the guest kernel).
+const MEDIUM_WAIT: Duration = Duration::from_secs(30);
 
 /// Mount points made by the agent, in mount order.
 #[derive(Debug, Default)]
@@ -184,6 +191,11 @@ fn block_rootfs(
             ));
         }
     };
+    if let Some(name) = device.file_name() {
+        let size = sys_block.join(name).join("size");
+        wait_for_medium(&size, Instant::now() + MEDIUM_WAIT)
+            .map_err(|why| Failure::new(ttrpc::Code::UNAVAILABLE, &what, why))?;
+    }
     let dev = device.to_string_lossy().into_owned();
     let mut last = None;
     for fstype in fstypes {
@@ -206,6 +218,25 @@ fn block_rootfs(
         }
     }
     Err(last.unwrap_or_else(|| Failure::internal(what, "no file system tried")))
+}
+
+/// Waits until the disk whose sysfs `size` file is given has a capacity (a size other than
+/// "0"), or `deadline`. A missing or unreadable file is not waited for: the mount says
+/// what is wrong.
+fn wait_for_medium(size: &Path, deadline: Instant) -> Result<(), String> {
+    loop {
+        match std::fs::read_to_string(size) {
+            Ok(text) if text.trim() == "0" => {}
+            _ => return Ok(()),
+        }
+        if Instant::now() >= deadline {
+            return Err(format!(
+                "{} still says 0 sectors: the disk has no medium",
+                size.display()
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 /// The /dev node of the virtio-blk disk whose serial is `serial`.
@@ -292,6 +323,29 @@ mod tests {
             find_disk(&sys.path().join("missing"), "x").expect("no dir"),
             None
         );
+    }
+
+    #[test]
+    fn a_disk_without_medium_is_waited_for_until_its_capacity_shows() {
+        let sys = tempfile::tempdir().expect("tempdir");
+        let size = sys.path().join("size");
+        assert!(
+            wait_for_medium(&size, Instant::now()).is_ok(),
+            "no file: no wait"
+        );
+        std::fs::write(&size, "0\n").expect("size");
+        let err = wait_for_medium(&size, Instant::now() + Duration::from_millis(30))
+            .expect_err("no medium");
+        assert!(err.contains("no medium"), "{err}");
+        let later = size.clone();
+        let filler = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(50));
+            std::fs::write(later, "8192\n").expect("size");
+        });
+        let t = Instant::now();
+        wait_for_medium(&size, Instant::now() + Duration::from_secs(10)).expect("filled");
+        assert!(t.elapsed() >= Duration::from_millis(40));
+        filler.join().expect("filler");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use husk_protocol::client::{AgentClient, Target, connect_with_retry};
 use husk_runtime::config::Config;
 use husk_runtime::sizing::VmSize;
 use husk_runtime::template::Template;
-use husk_runtime::vm_config::{Launch, VmmLaunch, launch_config, path_arg};
+use husk_runtime::vm_config::{Launch, VmmLaunch, launch_config, path_arg, rootfs_block_arg};
 use tokio::sync::watch;
 
 use crate::network::dns::GuestDns;
@@ -26,7 +26,6 @@ use crate::share::{SHARE_TAG, SharedDir};
 use crate::template::{self as templates, TemplateRequest};
 
 /// virtio-blk serial of a rootfs image.
-const ROOTFS_SERIAL: &str = "rootfs";
 const VM_SOCKET: &str = "vm.sock";
 const FS_SOCKET: &str = "fs.sock";
 /// The VMM's jail folder in the run folder (empty on the host).
@@ -67,8 +66,8 @@ pub struct Sandbox {
 impl Sandbox {
     /// Boots the VM (sockets in `run_dir`, `extra_args` are more husk-vmm device flags,
     /// e.g. `--net`), waits for its agent and creates the sandbox (with the pod's `dns`).
-    /// With `template` (virtio-fs mode), the VM is restored from the template of its shape,
-    /// made first if missing.
+    /// With `template`, the VM is restored from the template of its shape, made first if
+    /// missing.
     pub async fn boot(
         config: &Config,
         size: VmSize,
@@ -80,7 +79,10 @@ impl Sandbox {
     ) -> Result<Self> {
         let vm_socket = run_dir.join(VM_SOCKET);
         let _ = std::fs::remove_file(&vm_socket);
-        let mut devices = extra_args;
+        let mut devices = Vec::new();
+        // What a template of this VM is booted with: the same slots, the rootfs disk empty
+        // (no container's image in a snapshot other VMs restore).
+        let mut template_devices = Vec::new();
         let mut virtiofsd = None;
         let block_rootfs = match &share {
             RootfsShare::Virtiofs { shared } => {
@@ -93,6 +95,7 @@ impl Sandbox {
                 let socket = run_dir.join(FS_SOCKET);
                 devices.push("--fs".to_owned());
                 devices.push(format!("socket={},tag={SHARE_TAG}", path_arg(&socket)?));
+                template_devices.clone_from(&devices);
                 virtiofsd = Some(Virtiofsd {
                     bin,
                     socket,
@@ -103,12 +106,11 @@ impl Sandbox {
             }
             RootfsShare::Block { image } => {
                 devices.push("--block".to_owned());
-                devices.push(format!(
-                    "path={},ro=on,serial={ROOTFS_SERIAL}",
-                    path_arg(image)?
-                ));
+                devices.push(rootfs_block_arg(Some(image))?);
+                template_devices.push("--block".to_owned());
+                template_devices.push(rootfs_block_arg(None)?);
                 let mut b = BlockRootfs::new();
-                b.serial = ROOTFS_SERIAL.into();
+                b.serial = husk_runtime::vm_config::ROOTFS_SERIAL.into();
                 b.fstype = "ext4".into();
                 b.read_only = true;
                 let mut r = Rootfs::new();
@@ -116,13 +118,16 @@ impl Sandbox {
                 Some(r)
             }
         };
+        // The NIC (extra_args) comes after the rootfs slots (slots_for's order).
+        devices.extend(extra_args.iter().cloned());
+        template_devices.extend(extra_args);
         let template = match template {
             Some(request) => {
                 templates::find_or_build(
                     config,
                     size,
                     run_dir,
-                    &devices,
+                    &template_devices,
                     virtiofsd.as_ref(),
                     request,
                 )

@@ -382,16 +382,10 @@ impl Inner {
                 crate::share::SHARE_TAG,
                 network.is_some(),
             );
-            let template = match slots {
-                Ok(slots) => Some(crate::template::TemplateRequest {
-                    slots,
-                    nic_mac: network.as_ref().map(PodNetwork::mac),
-                }),
-                Err(why) => {
-                    tracing::info!("booting cold: {why}");
-                    None
-                }
-            };
+            let template = Some(crate::template::TemplateRequest {
+                slots,
+                nic_mac: network.as_ref().map(PodNetwork::mac),
+            });
             // A Kill or Delete of the create stops the wait for its VM (a slow boot, a template
             // build first: minutes on a nested host). The VMs it started end with this shim,
             // which exits once idle; the host side is released below.

@@ -31,7 +31,7 @@ use husk_runtime::state::{
     ContainerState, ExitRecord, FS_SOCKET, ROOTFS_IMAGE, RootfsMode, StateStore, Status, VM_SOCKET,
 };
 use husk_runtime::template::{Lookup, Template, TemplateInputs, TemplateStore, slots_for};
-use husk_runtime::vm_config::{Launch, VmmLaunch, launch_config, path_arg};
+use husk_runtime::vm_config::{Launch, VmmLaunch, launch_config, path_arg, rootfs_block_arg};
 use husk_runtime::volumes::{self, SHARE_TAG, SHM_MOUNT, SHM_OPTIONS, SharedBinds, SharedFolder};
 use husk_runtime::{console, exit, hooks, rootfs_image};
 use husk_vmm::stop::StopReason;
@@ -41,7 +41,6 @@ use super::relay::{self, Relay, TerminalHost};
 use super::{FAILURE, GlobalOpts, oci_state};
 
 /// virtio-blk serial of the rootfs image.
-const ROOTFS_SERIAL: &str = "rootfs";
 /// Stream id prefix of the init's stdio.
 const INIT_STREAMS: &str = "init";
 /// The VMM's jail folder in the container's state folder (empty on the host).
@@ -147,10 +146,7 @@ impl Monitor {
             let image = dir.join(ROOTFS_IMAGE);
             rootfs_image::build(&bundle.rootfs, &image)?;
             vmm_args.push("--block".into());
-            vmm_args.push(format!(
-                "path={},ro=on,serial={ROOTFS_SERIAL}",
-                path_arg(&image)?
-            ));
+            vmm_args.push(rootfs_block_arg(Some(&image))?);
         }
         let shares_rootfs = st.rootfs_mode == RootfsMode::Virtiofs;
         if shares_rootfs || !binds.binds.is_empty() {
@@ -234,7 +230,7 @@ impl Monitor {
         match st.rootfs_mode {
             RootfsMode::Block => {
                 let mut b = BlockRootfs::new();
-                b.serial = ROOTFS_SERIAL.into();
+                b.serial = husk_runtime::vm_config::ROOTFS_SERIAL.into();
                 b.fstype = "ext4".into();
                 b.read_only = true;
                 rootfs.set_block(b);
@@ -439,13 +435,7 @@ fn choose_template(
     if config.template == husk_runtime::template::TemplateMode::Off {
         return None;
     }
-    let slots = match slots_for(mode, !binds.binds.is_empty(), SHARE_TAG, false) {
-        Ok(s) => s,
-        Err(why) => {
-            tracing::info!("booting cold: {why}");
-            return None;
-        }
-    };
+    let slots = slots_for(mode, !binds.binds.is_empty(), SHARE_TAG, false);
     let inputs = match TemplateInputs::new(config, size, slots) {
         Ok(i) => i,
         Err(e) => {
@@ -470,11 +460,19 @@ fn choose_template(
             }
         },
         Ok(Lookup::Missing(key)) => {
+            let mut create = format!(
+                "husk template create --vcpus {} --memory-mib {}",
+                size.vcpus, size.memory_mib
+            );
+            if mode == RootfsMode::Block {
+                create.push_str(" --rootfs-mode block");
+                if !binds.binds.is_empty() {
+                    create.push_str(" --volumes");
+                }
+            }
             tracing::info!(
-                "booting cold: no template {key} for this VM ({}); `husk template create --vcpus {} --memory-mib {}` makes one",
-                inputs.summary(),
-                size.vcpus,
-                size.memory_mib
+                "booting cold: no template {key} for this VM ({}); `{create}` makes one",
+                inputs.summary()
             );
             None
         }

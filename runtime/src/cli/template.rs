@@ -1,7 +1,8 @@
 //! `husk template create | list | rm`: VM templates under the state root
 //! (`husk_runtime::template`). `create` boots a VM with the device slots a container needs
-//! (a virtio-fs share served by a virtiofsd on an empty folder), waits for its agent and
-//! snapshots it; `husk create`/`run` then restore it (with `template = "auto"`).
+//! (a virtio-fs share served by a virtiofsd on an empty folder; in block mode an empty
+//! read-only disk), waits for its agent and snapshots it; `husk create`/`run` then restore
+//! it (with `template = "auto"`).
 
 use std::os::unix::fs::DirBuilderExt;
 use std::path::Path;
@@ -17,7 +18,7 @@ use husk_runtime::template::{
     Lookup, Manifest, Template, TemplateInputs, TemplateStore, disk_usage, request_snapshot,
     slots_for,
 };
-use husk_runtime::vm_config::{path_arg, vm_config};
+use husk_runtime::vm_config::{path_arg, rootfs_block_arg, vm_config};
 use husk_runtime::volumes::{SHARE_TAG, SharedFolder};
 use husk_vmm::stop::StopReason;
 
@@ -34,6 +35,14 @@ pub enum TemplateCommand {
         /// Guest memory in MiB, before the CPU template's rounding [default: `memory_mib`].
         #[arg(long)]
         memory_mib: Option<u64>,
+        /// The rootfs mode of the containers it serves: `virtiofs` (a share slot) or `block`
+        /// (an empty read-only disk slot each restore fills with its image) [default:
+        /// `rootfs_mode` of the configuration].
+        #[arg(long)]
+        rootfs_mode: Option<String>,
+        /// With `--rootfs-mode block`: a share slot too, for containers with host volumes.
+        #[arg(long)]
+        volumes: bool,
         /// Build it again even if a template with the same inputs exists.
         #[arg(long)]
         force: bool,
@@ -58,17 +67,48 @@ pub fn run(g: &GlobalOpts, cmd: TemplateCommand) -> Result<i32> {
         TemplateCommand::Create {
             vcpus,
             memory_mib,
+            rootfs_mode,
+            volumes,
             force,
-        } => create(g, vcpus, memory_mib, force),
+        } => create(
+            g,
+            Shape {
+                vcpus,
+                memory_mib,
+                rootfs_mode,
+                volumes,
+            },
+            force,
+        ),
         TemplateCommand::List { format } => list(g, &format),
         TemplateCommand::Rm { all, keys } => rm(g, all, &keys),
     }
 }
 
-fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: bool) -> Result<i32> {
+/// What `template create` was asked to build.
+struct Shape {
+    vcpus: Option<u8>,
+    memory_mib: Option<u64>,
+    rootfs_mode: Option<String>,
+    volumes: bool,
+}
+
+fn create(g: &GlobalOpts, shape: Shape, force: bool) -> Result<i32> {
     let config = Config::load()?;
     let cpu = config.cpu_template_here()?;
-    let vcpus = vcpus.unwrap_or(config.vcpus);
+    let mode = match &shape.rootfs_mode {
+        Some(m) => m
+            .parse::<RootfsMode>()
+            .map_err(|why| anyhow!("--rootfs-mode {m}: {why}"))?,
+        None => config.rootfs_mode,
+    };
+    if shape.volumes && mode != RootfsMode::Block {
+        bail!(
+            "--volumes is for --rootfs-mode block: a virtiofs template's share holds the volumes"
+        );
+    }
+    let vcpus = shape.vcpus.unwrap_or(config.vcpus);
+    let memory_mib = shape.memory_mib;
     if vcpus == 0 || vcpus > config.max_vcpus {
         bail!(
             "--vcpus {vcpus}: must be between 1 and max_vcpus = {} ({})",
@@ -88,7 +128,7 @@ fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: boo
         );
     }
     let size = VmSize { vcpus, memory_mib };
-    let slots = slots_for(RootfsMode::Virtiofs, false, SHARE_TAG, false).map_err(|e| anyhow!(e))?;
+    let slots = slots_for(mode, shape.volumes, SHARE_TAG, false);
     let inputs = TemplateInputs::new(&config, size, slots)?;
     let key = inputs.key();
     let store = TemplateStore::for_config(&config, &g.root);
@@ -109,7 +149,7 @@ fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: boo
         return Ok(0);
     }
     let build = store.begin(&lock, &key)?;
-    let result = boot_and_snapshot(&config, size, &build);
+    let result = boot_and_snapshot(&config, size, mode, shape.volumes, &build);
     let (boot, figures) = match result {
         Ok(r) => r,
         Err(e) => {
@@ -142,11 +182,10 @@ fn create(g: &GlobalOpts, vcpus: Option<u8>, memory_mib: Option<u64>, force: boo
 fn boot_and_snapshot(
     config: &Config,
     size: VmSize,
+    mode: RootfsMode,
+    volumes: bool,
     build: &Path,
 ) -> Result<(Duration, serde_json::Value)> {
-    // The share slot: served now by a virtiofsd on an empty folder, later by each
-    // container's own. The guest probes the device at boot but never mounts it here.
-    let folder = SharedFolder::prepare(&build.join(SHARE_TAG), None, &[])?;
     // The sockets in a folder of their own: the VMM's jail binds the folders of its sockets,
     // and the snapshot's folder beside them must stay reachable once the VMM is unprivileged.
     let sockets = build.join("run");
@@ -154,16 +193,27 @@ fn boot_and_snapshot(
         .mode(0o700)
         .create(&sockets)
         .with_context(|| format!("creating {}", sockets.display()))?;
-    let fs_socket = sockets.join("fs.sock");
-    let mut virtiofsd = spawn_virtiofsd(config, &folder, &fs_socket)?;
     let vm_socket = sockets.join("vm.sock");
     let api_socket = sockets.join("api.sock");
-    let devices = vec![
-        "--fs".into(),
-        format!("socket={},tag={SHARE_TAG}", path_arg(&fs_socket)?),
-        "--api-socket".into(),
-        path_arg(&api_socket)?,
-    ];
+    // Slots in the order the monitor gives them (slots_for): the rootfs disk, empty here,
+    // filled by each restore with its container's image; then the share.
+    let mut devices = Vec::new();
+    if mode == RootfsMode::Block {
+        devices.push("--block".to_owned());
+        devices.push(rootfs_block_arg(None)?);
+    }
+    // The share slot: served now by a virtiofsd on an empty folder, later by each
+    // container's own. The guest probes the device at boot but never mounts it here.
+    let mut virtiofsd = None;
+    if mode == RootfsMode::Virtiofs || volumes {
+        let folder = SharedFolder::prepare(&build.join(SHARE_TAG), None, &[])?;
+        let fs_socket = sockets.join("fs.sock");
+        virtiofsd = Some(spawn_virtiofsd(config, &folder, &fs_socket)?);
+        devices.push("--fs".into());
+        devices.push(format!("socket={},tag={SHARE_TAG}", path_arg(&fs_socket)?));
+    }
+    devices.push("--api-socket".into());
+    devices.push(path_arg(&api_socket)?);
     let vmm = vm_config(config, size, &vm_socket, devices)?;
     let snapshot = build.join("snapshot");
     let started = Instant::now();
@@ -200,8 +250,10 @@ fn boot_and_snapshot(
         }
         Ok((boot, figures))
     })();
-    let _ = virtiofsd.kill();
-    let _ = virtiofsd.wait();
+    if let Some(mut v) = virtiofsd {
+        let _ = v.kill();
+        let _ = v.wait();
+    }
     outcome
 }
 

@@ -38,7 +38,8 @@ pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
 /// How the VM builder describes a disk.
 #[derive(Clone, Debug)]
 pub struct BlockConfig {
-    pub path: PathBuf,
+    /// `None`: no medium (capacity 0) until a restore builds the slot with an image.
+    pub path: Option<PathBuf>,
     pub read_only: bool,
     /// Returned by GET_ID (at most 20 bytes; longer serials are cut).
     pub serial: Option<String>,
@@ -62,7 +63,8 @@ pub enum BlockError {
 
 /// The request-processing half of the device; owned by the worker while the device runs.
 pub(crate) struct BlockBackend {
-    file: File,
+    /// `None` for an empty slot: its capacity is 0, so no read or write reaches it.
+    file: Option<File>,
     /// Capacity in bytes (whole sectors only).
     capacity: u64,
     read_only: bool,
@@ -153,7 +155,7 @@ impl BlockBackend {
             // Nothing was written to a read-only image: a guest's flush must not make the
             // host fsync a file shared by other VMs.
             VIRTIO_BLK_T_FLUSH if self.read_only => (VIRTIO_BLK_S_OK, 0),
-            VIRTIO_BLK_T_FLUSH => match self.file.sync_data() {
+            VIRTIO_BLK_T_FLUSH => match self.file.as_ref().map_or(Ok(()), File::sync_data) {
                 Ok(()) => (VIRTIO_BLK_S_OK, 0),
                 Err(e) => {
                     guest_warn!("virtio-blk: flush failed: {e}");
@@ -184,17 +186,17 @@ impl BlockBackend {
         start: u64,
         write: bool,
     ) -> Result<(), String> {
-        self.file
-            .seek(SeekFrom::Start(start))
+        let file = self.file.as_mut().ok_or("no medium")?;
+        file.seek(SeekFrom::Start(start))
             .map_err(|e| e.to_string())?;
         // Guest buffers go straight to and from the file; the file offset advances with
         // each descriptor.
         for d in data {
             let len = d.len() as usize;
             let r = if write {
-                mem.write_all_volatile_to(d.addr(), &mut self.file, len)
+                mem.write_all_volatile_to(d.addr(), file, len)
             } else {
-                mem.read_exact_volatile_from(d.addr(), &mut self.file, len)
+                mem.read_exact_volatile_from(d.addr(), file, len)
             };
             r.map_err(|e| e.to_string())?;
         }
@@ -245,21 +247,28 @@ pub struct Block {
 
 impl Block {
     pub fn new(config: BlockConfig) -> Result<Block, BlockError> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(&config.path)
-            .map_err(|source| BlockError::Open {
-                path: config.path.clone(),
-                source,
-            })?;
-        // Seeking to the end also works for block devices, whose metadata length is zero.
-        let size = (&file)
-            .seek(SeekFrom::End(0))
-            .map_err(|source| BlockError::Size {
-                path: config.path.clone(),
-                source,
-            })?;
+        let (file, size) = match &config.path {
+            Some(path) => {
+                let file = OpenOptions::new()
+                    .read(true)
+                    .write(!config.read_only)
+                    .open(path)
+                    .map_err(|source| BlockError::Open {
+                        path: path.clone(),
+                        source,
+                    })?;
+                // Seeking to the end also works for block devices, whose metadata length
+                // is zero.
+                let size = (&file)
+                    .seek(SeekFrom::End(0))
+                    .map_err(|source| BlockError::Size {
+                        path: path.clone(),
+                        source,
+                    })?;
+                (Some(file), size)
+            }
+            None => (None, 0),
+        };
         let sectors = size / SECTOR_SIZE;
         let mut id = [0u8; ID_LEN];
         if let Some(serial) = &config.serial {
@@ -319,6 +328,10 @@ impl VirtioDevice for Block {
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
         read_config_bytes(&self.config, offset, data);
+    }
+
+    fn config_space(&self) -> Vec<u8> {
+        self.config.to_vec()
     }
 
     fn write_config(&mut self, offset: u64, _data: &[u8]) {
@@ -415,7 +428,7 @@ mod tests {
 
     fn backend(fx: &Fixture, read_only: bool) -> BlockBackend {
         Block::new(BlockConfig {
-            path: fx.path.clone(),
+            path: Some(fx.path.clone()),
             read_only,
             serial: Some("husk-serial".into()),
         })
@@ -507,6 +520,32 @@ mod tests {
     }
 
     #[test]
+    fn an_empty_slot_has_no_capacity_but_answers_its_serial() {
+        let fx = fixture(1);
+        let blk = Block::new(BlockConfig {
+            path: None,
+            read_only: true,
+            serial: Some("rootfs".into()),
+        })
+        .unwrap();
+        assert_eq!(blk.sectors(), 0);
+        assert_ne!(blk.avail_features() & VIRTIO_BLK_F_RO, 0);
+        let mut b = blk.backend.unwrap();
+        header(&fx.mem, VIRTIO_BLK_T_IN, 0);
+        let (len, status) = run(&mut b, &fx.mem, &std_chain(VRING_DESC_F_WRITE, 512));
+        assert_eq!((len, status), (1, VIRTIO_BLK_S_IOERR), "nothing to read");
+        header(&fx.mem, VIRTIO_BLK_T_GET_ID, 0);
+        let (_, status) = run(&mut b, &fx.mem, &std_chain(VRING_DESC_F_WRITE, 20));
+        assert_eq!(status, VIRTIO_BLK_S_OK);
+        let mut id = [0u8; 6];
+        fx.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"rootfs");
+        header(&fx.mem, VIRTIO_BLK_T_FLUSH, 0);
+        let chain = [desc(HDR, 16, 0), desc(STATUS, 1, VRING_DESC_F_WRITE)];
+        assert_eq!(run(&mut b, &fx.mem, &chain), (1, VIRTIO_BLK_S_OK));
+    }
+
+    #[test]
     fn out_of_range_and_unsupported() {
         let fx = fixture(4);
         let mut b = backend(&fx, false);
@@ -530,7 +569,7 @@ mod tests {
     fn read_only_rejects_writes_and_cannot_modify() {
         let fx = fixture(2);
         let blk = Block::new(BlockConfig {
-            path: fx.path.clone(),
+            path: Some(fx.path.clone()),
             read_only: true,
             serial: None,
         })
@@ -550,7 +589,7 @@ mod tests {
         let (len, status) = run(&mut b, &fx.mem, &std_chain(0, 512));
         assert_eq!((len, status), (1, VIRTIO_BLK_S_IOERR));
         // The file itself was opened without write access.
-        assert!((&b.file).write_all(b"x").is_err());
+        assert!(b.file.as_ref().unwrap().write_all(b"x").is_err());
         // A flush sent anyway succeeds without touching the host file.
         header(&fx.mem, VIRTIO_BLK_T_FLUSH, 0);
         let (_, status) = run(&mut b, &fx.mem, &std_chain(0, 512));
@@ -647,7 +686,7 @@ mod tests {
     fn config_space_and_features() {
         let fx = fixture(8);
         let blk = Block::new(BlockConfig {
-            path: fx.path.clone(),
+            path: Some(fx.path.clone()),
             read_only: false,
             serial: None,
         })
@@ -670,7 +709,7 @@ mod tests {
     #[test]
     fn missing_image_names_path() {
         let err = Block::new(BlockConfig {
-            path: "/nonexistent/husk.img".into(),
+            path: Some("/nonexistent/husk.img".into()),
             read_only: true,
             serial: None,
         })

@@ -460,6 +460,7 @@ impl MmioTransport {
                 })
                 .collect(),
             identity: self.device.identity(),
+            config: self.device.config_space(),
         })
     }
 
@@ -547,6 +548,17 @@ impl MmioTransport {
             );
         }
         t.restored_interrupt = state.interrupt_status;
+        // The driver read the saved configuration; a device built differently now (a block
+        // slot the template had empty, now this VM's image) must say so, or the driver
+        // keeps the old capacity.
+        let config = t.device.config_space();
+        if state.config != config && state.status & status::DRIVER_OK != 0 {
+            t.config_generation = t.config_generation.wrapping_add(1);
+            t.restored_interrupt |= INT_CONFIG;
+            debug!(
+                "virtio-mmio: device type {configured}'s configuration changed across the restore"
+            );
+        }
         Ok(t)
     }
 
@@ -992,8 +1004,16 @@ mod tests {
 
     /// Brings up the rng device on one 16-entry queue at 0x1000.
     fn rng_up(mem: &GuestMemory) -> (MmioTransport, MockSplitQueue<'_, GuestMemory>) {
+        device_up(mem, Box::new(Rng::new()))
+    }
+
+    /// A one-queue device the driver has set up and started.
+    fn device_up(
+        mem: &GuestMemory,
+        device: Box<dyn VirtioDevice>,
+    ) -> (MmioTransport, MockSplitQueue<'_, GuestMemory>) {
         let irq = EventFd::new(0).unwrap();
-        let mut t = MmioTransport::new(mem.clone(), Box::new(Rng::new()), Interrupt::new(irq));
+        let mut t = MmioTransport::new(mem.clone(), device, Interrupt::new(irq));
         let vq = MockSplitQueue::create(mem, GuestAddress(0x1000), 16);
         wr(&mut t, REG_STATUS, status::ACKNOWLEDGE);
         wr(&mut t, REG_STATUS, status::ACKNOWLEDGE | status::DRIVER);
@@ -1056,6 +1076,61 @@ mod tests {
         }
         assert_eq!(vq.used().idx().load(), 2);
         assert_eq!(vq.used().ring().ref_at(1).unwrap().load().id(), 1);
+    }
+
+    #[test]
+    fn a_block_slot_filled_by_a_restore_tells_the_driver_its_new_capacity() {
+        use crate::devices::virtio::block::{Block, BlockConfig};
+        let block = |path: Option<std::path::PathBuf>| -> Box<dyn VirtioDevice> {
+            Box::new(
+                Block::new(BlockConfig {
+                    path,
+                    read_only: true,
+                    serial: Some("rootfs".into()),
+                })
+                .unwrap(),
+            )
+        };
+        let capacity = |t: &mut MmioTransport| {
+            let mut b = [0u8; 8];
+            t.read(CONFIG_SPACE, &mut b);
+            u64::from_le_bytes(b)
+        };
+        let mem = mem();
+        let (mut t, _vq) = device_up(&mem, block(None));
+        assert_eq!(capacity(&mut t), 0, "a template's slot has no medium");
+        let saved = t.snapshot().unwrap();
+        let saved: TransportState =
+            serde_json::from_str(&serde_json::to_string(&saved).unwrap()).unwrap();
+
+        let dir = vmm_sys_util::tempdir::TempDir::new_with_prefix("/tmp/husk-slot").unwrap();
+        let image = dir.as_path().join("rootfs.img");
+        std::fs::write(&image, vec![7u8; 8 * 512]).unwrap();
+        let restore = |dev| {
+            let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+            let mut r = MmioTransport::restore(mem.clone(), dev, Interrupt::new(irq), None, &saved)
+                .unwrap();
+            r.start_restored().unwrap();
+            r
+        };
+        let mut filled = restore(block(Some(image)));
+        assert_eq!(capacity(&mut filled), 8);
+        assert_eq!(
+            rd(&mut filled, REG_INTERRUPT_STATUS) & INT_CONFIG,
+            INT_CONFIG,
+            "the driver hears of the change"
+        );
+        assert_ne!(
+            rd(&mut filled, REG_CONFIG_GENERATION),
+            saved.config_generation
+        );
+        // Restored as it was: nothing to tell.
+        let mut same = restore(block(None));
+        assert_eq!(rd(&mut same, REG_INTERRUPT_STATUS) & INT_CONFIG, 0);
+        assert_eq!(
+            rd(&mut same, REG_CONFIG_GENERATION),
+            saved.config_generation
+        );
     }
 
     #[test]

@@ -73,6 +73,13 @@ pub trait VirtioDevice: Send {
     fn set_acked_features(&mut self, acked: u64);
     /// Reads the device-specific configuration space.
     fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// The configuration space as the driver reads it, for devices whose configuration can
+    /// change under a running driver (a block slot filled by a restore): saved in a
+    /// snapshot, and a restore that finds it changed tells the driver (a config-change
+    /// interrupt, as for a disk resize). Empty for devices that never change it.
+    fn config_space(&self) -> Vec<u8> {
+        Vec::new()
+    }
     /// Writes the device-specific configuration space (most devices ignore this).
     fn write_config(&mut self, offset: u64, data: &[u8]);
     /// Starts the device on the driver's queues.

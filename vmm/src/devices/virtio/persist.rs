@@ -36,6 +36,9 @@ pub struct TransportState {
     /// [`VirtioDevice::identity`](super::VirtioDevice::identity) at snapshot time.
     #[serde(default)]
     pub identity: Option<String>,
+    /// [`VirtioDevice::config_space`](super::VirtioDevice::config_space) at snapshot time.
+    #[serde(default)]
+    pub config: Vec<u8>,
 }
 
 /// Why a saved transport does not fit the device the configuration describes.
