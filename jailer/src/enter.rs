@@ -77,13 +77,19 @@ const RELAYED: [Signal; 4] = [
 ///
 /// Must be called while the process has one thread.
 pub fn enter(spec: &JailSpec, close_outside: &[RawFd]) -> Result<Jailed, JailError> {
+    // A network namespace of its own although the VMM uses no network: abstract Unix
+    // sockets are scoped by it, and a device worker may connect Unix sockets (vsock
+    // connections to host ports), which would otherwise reach any host service listening
+    // on one (CVE-2020-15257 was containerd's shim API reached that way). A pod's tap is
+    // opened by a thread that enters the pod's namespace first (`Tap::open_in_netns`).
     unshare(
         CloneFlags::CLONE_NEWNS
             | CloneFlags::CLONE_NEWPID
             | CloneFlags::CLONE_NEWIPC
-            | CloneFlags::CLONE_NEWUTS,
+            | CloneFlags::CLONE_NEWUTS
+            | CloneFlags::CLONE_NEWNET,
     )
-    .map_err(sys("unshare(mount, PID, IPC, UTS namespaces)"))?;
+    .map_err(sys("unshare(mount, PID, IPC, UTS, network namespaces)"))?;
     let (alive_r, alive_w) =
         nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(sys("pipe2"))?;
     let mut handled = SigSet::empty();

@@ -10,6 +10,8 @@ use std::process::Command;
 use husk_jailer::{Bind, BindKind, JailSpec};
 
 const SPEC_ENV: &str = "HUSK_JAIL_PROBE_SPEC";
+/// The name of an abstract Unix socket the test listens on in the host's namespaces.
+const ABSTRACT_ENV: &str = "HUSK_JAIL_PROBE_ABSTRACT";
 const UID: u32 = 64_000;
 const GID: u32 = 64_001;
 
@@ -50,6 +52,20 @@ fn the_jail_shows_only_its_binds_and_the_vmm_cannot_regain_root() {
     std::fs::create_dir(dir.join("jail")).unwrap();
     std::fs::write(dir.join("secret"), "host only").unwrap();
     let spec = spec_for(dir);
+    // A host service on an abstract Unix socket: the jail must not reach it.
+    use std::os::linux::net::SocketAddrExt;
+    let name = format!("husk-jail-test-{}", std::process::id());
+    let host_service = std::os::unix::net::UnixListener::bind_addr(
+        &std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        std::os::unix::net::UnixStream::connect_addr(
+            &std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap()
+        )
+        .is_ok(),
+        "the host itself reaches it"
+    );
 
     let out = Command::new(std::env::current_exe().unwrap())
         .args([
@@ -60,8 +76,10 @@ fn the_jail_shows_only_its_binds_and_the_vmm_cannot_regain_root() {
             "--test-threads=1",
         ])
         .env(SPEC_ENV, serde_json::to_string(&spec).unwrap())
+        .env(ABSTRACT_ENV, &name)
         .output()
         .unwrap();
+    drop(host_service);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(
@@ -73,6 +91,7 @@ fn the_jail_shows_only_its_binds_and_the_vmm_cannot_regain_root() {
         "pid 1",
         "host files invisible",
         "no /proc",
+        "host abstract sockets unreachable",
         "read-only bind readable",
         "read-only bind refuses writes",
         "root refuses new files",
@@ -137,6 +156,18 @@ fn probe_inside_the_jail() {
         !Path::new("/etc/passwd").exists() && !dir.join("secret").exists(),
     );
     check("no /proc", !Path::new("/proc/self").exists());
+    {
+        use std::os::linux::net::SocketAddrExt;
+        let name = std::env::var(ABSTRACT_ENV).unwrap();
+        let addr = std::os::unix::net::SocketAddr::from_abstract_name(&name).unwrap();
+        check(
+            "host abstract sockets unreachable",
+            std::os::unix::net::UnixStream::connect_addr(&addr)
+                .err()
+                .and_then(|e| e.raw_os_error())
+                == Some(libc::ECONNREFUSED),
+        );
+    }
     check(
         "read-only bind readable",
         std::fs::read_to_string(dir.join("ro.txt")).is_ok_and(|s| s == "read me"),

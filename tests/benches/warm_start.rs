@@ -34,16 +34,25 @@ fn ratio(cold: &Stats, warm: &Stats) -> f64 {
     cold.p50.as_secs_f64() / warm.p50.as_secs_f64()
 }
 
-/// Waits for the agent of `vm` (killed when dropped); returns the time to the agent.
-fn to_agent(rt: &tokio::runtime::Runtime, vm: VmProcess) -> Duration {
-    rt.block_on(async {
+/// Waits for the agent of `vm` (killed when dropped); returns the time to the agent and
+/// the VMM's CPU time (user + system) before vCPU 0 first entered the guest.
+fn to_agent(rt: &tokio::runtime::Runtime, vm: VmProcess) -> (Duration, Duration) {
+    let elapsed = rt.block_on(async {
         let agent = vm
             .agent(AGENT_TIMEOUT)
             .await
             .unwrap_or_else(|e| panic!("agent answers: {e:#}{}", vm.diagnostics()));
         agent.check().await.expect("Check");
         vm.started().elapsed()
-    })
+    });
+    let entry = vm
+        .metric("vcpu_first_entry")
+        .expect("vcpu_first_entry metric");
+    let us = |k: &str| entry[k].as_u64().unwrap_or(0);
+    (
+        elapsed,
+        Duration::from_micros(us("cpu_user_us") + us("cpu_sys_us")),
+    )
 }
 
 fn vmm_figures(image: &GuestImage, runs: u64) {
@@ -65,17 +74,29 @@ fn vmm_figures(image: &GuestImage, runs: u64) {
         figures["memory_written_bytes"].as_u64().unwrap_or(0) >> 20
     );
     let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    let (mut cold_cpu, mut warm_cpu) = (Vec::new(), Vec::new());
     for _ in 0..runs {
-        cold.push(to_agent(&rt, VmProcess::boot(image, &opts).expect("boot")));
-        warm.push(to_agent(
-            &rt,
-            VmProcess::restore(&snap, &opts).expect("restore"),
-        ));
+        let (t, cpu) = to_agent(&rt, VmProcess::boot(image, &opts).expect("boot"));
+        cold.push(t);
+        cold_cpu.push(cpu);
+        let (t, cpu) = to_agent(&rt, VmProcess::restore(&snap, &opts).expect("restore"));
+        warm.push(t);
+        warm_cpu.push(cpu);
     }
     let cold = Stats::of(cold).expect("runs");
     let warm = Stats::of(warm).expect("runs");
     println!("{}", cold.line("husk-vmm boot to agent", "runs"));
     println!("{}", warm.line("husk-vmm restore to agent", "runs"));
+    let cold_cpu = Stats::of(cold_cpu).expect("runs");
+    let warm_cpu = Stats::of(warm_cpu).expect("runs");
+    println!(
+        "{}",
+        cold_cpu.line("husk-vmm CPU before the first vCPU entry, boot", "runs")
+    );
+    println!(
+        "{}",
+        warm_cpu.line("husk-vmm CPU before the first vCPU entry, restore", "runs")
+    );
     println!(
         "ratio boot / restore to agent, p50: {:.0}x",
         ratio(&cold, &warm)

@@ -60,7 +60,7 @@ pub fn assert_jailed(pid: u32) -> Vec<String> {
         }
     }
     assert!(vcpus > 0, "no vCPU thread in VMM {pid}");
-    for ns in ["mnt", "pid", "ipc", "uts"] {
+    for ns in ["mnt", "pid", "ipc", "uts", "net"] {
         let theirs = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).expect("ns link");
         let ours = std::fs::read_link(format!("/proc/self/ns/{ns}")).expect("ns link");
         assert_ne!(theirs, ours, "VMM {pid} shares the host's {ns} namespace");
