@@ -151,9 +151,10 @@ impl AgentService for Agent {
         req: CreateContainerRequest,
     ) -> ttrpc::Result<CreateContainerResponse> {
         self.serving("CreateContainer")?;
-        let pid = self.containers.create(req).await.map_err(status)?;
+        let (pid, steps) = self.containers.create(req).await.map_err(status)?;
         let mut resp = CreateContainerResponse::new();
         resp.pid = pid;
+        resp.steps = proto_steps(steps);
         Ok(resp)
     }
 
@@ -163,11 +164,14 @@ impl AgentService for Agent {
         req: StartContainerRequest,
     ) -> ttrpc::Result<StartContainerResponse> {
         self.serving("StartContainer")?;
-        self.containers
+        let steps = self
+            .containers
             .start(&req.container_id)
             .await
             .map_err(status)?;
-        Ok(StartContainerResponse::new())
+        let mut resp = StartContainerResponse::new();
+        resp.steps = proto_steps(steps);
+        Ok(resp)
     }
 
     async fn exec_process(
@@ -176,9 +180,10 @@ impl AgentService for Agent {
         req: ExecProcessRequest,
     ) -> ttrpc::Result<ExecProcessResponse> {
         self.serving("ExecProcess")?;
-        let pid = self.containers.exec(req).await.map_err(status)?;
+        let (pid, steps) = self.containers.exec(req).await.map_err(status)?;
         let mut resp = ExecProcessResponse::new();
         resp.pid = pid;
+        resp.steps = proto_steps(steps);
         Ok(resp)
     }
 
@@ -332,4 +337,17 @@ impl AgentService for Agent {
             .map_err(status)?;
         Ok(ConfigureNetworkResponse::new())
     }
+}
+
+/// The library's steps as the protocol carries them.
+fn proto_steps(steps: Vec<husk_container::Step>) -> Vec<husk_protocol::agent::Step> {
+    steps
+        .into_iter()
+        .map(|s| {
+            let mut p = husk_protocol::agent::Step::new();
+            p.name = s.name.to_owned();
+            p.micros = s.micros;
+            p
+        })
+        .collect()
 }

@@ -1,7 +1,10 @@
 //! Container figures, printed (no timed asserts):
 //! - create+start+wait+remove of `/bin/true` through the agent, in host test mode (agent
 //!   on a Unix socket, directory rootfs) and inside a husk VM (virtio-blk rootfs with a
-//!   tmpfs overlay, agent over hybrid vsock);
+//!   tmpfs overlay, agent over hybrid vsock), with the agent's own per-step timings of
+//!   CreateContainer and StartContainer (p50 of each step);
+//! - in the VM, ExecProcess + wait of `/bin/true` in a running container, with the
+//!   agent's steps;
 //! - stdio throughput from a container's stdout to the host over vsock in the VM (the
 //!   host-mode figure is `cargo bench -p husk-agent --bench stdio`).
 //!
@@ -13,7 +16,8 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use husk_protocol::agent::{
-    BlockRootfs, CreateContainerRequest, DirectoryRootfs, Rootfs, StdioStreams,
+    BlockRootfs, CreateContainerRequest, DirectoryRootfs, ExecProcessRequest, Rootfs, StdioStreams,
+    Step,
 };
 use husk_protocol::client::{AgentClient, Target, connect_with_retry};
 use husk_tests::{BlockDevice, BusyboxImage, GuestImage, VmOptions, VmProcess, workspace};
@@ -73,21 +77,31 @@ fn block_rootfs() -> Rootfs {
     r
 }
 
-/// create + start + wait + remove of `/bin/true`, `runs` times; returns the durations.
-async fn lifecycle(client: &AgentClient, rootfs: impl Fn() -> Rootfs, runs: u64) -> Vec<Duration> {
+/// What a series of runs took: wall times, and the agent's steps of each call.
+#[derive(Default)]
+struct Runs {
+    times: Vec<Duration>,
+    create_steps: Vec<Vec<Step>>,
+    start_steps: Vec<Vec<Step>>,
+}
+
+/// create + start + wait + remove of `/bin/true`, `runs` times.
+async fn lifecycle(client: &AgentClient, rootfs: impl Fn() -> Rootfs, runs: u64) -> Runs {
     let spec = spec(&["true"]);
-    let mut times = Vec::new();
+    let mut out = Runs::default();
     for i in 0..runs {
         let id = format!("true{i}");
         let t = Instant::now();
-        client
+        let created = client
             .create_container(&request(&id, &spec, rootfs(), ""))
             .await
             .unwrap_or_else(|e| panic!("create {id}: {e}"));
-        client
+        out.create_steps.push(created.steps);
+        let started = client
             .start_container(&id)
             .await
             .unwrap_or_else(|e| panic!("start {id}: {e}"));
+        out.start_steps.push(started);
         let exit = tokio::time::timeout(STEP, client.wait_process(&id, ""))
             .await
             .unwrap_or_else(|_| panic!("{id} did not exit"))
@@ -97,9 +111,66 @@ async fn lifecycle(client: &AgentClient, rootfs: impl Fn() -> Rootfs, runs: u64)
             .remove_container(&id)
             .await
             .unwrap_or_else(|e| panic!("remove {id}: {e}"));
-        times.push(t.elapsed());
+        out.times.push(t.elapsed());
     }
-    times
+    out
+}
+
+/// ExecProcess + wait of `/bin/true` in the running container `id`, `runs` times; returns
+/// the wall times and the agent's steps of each ExecProcess.
+async fn execs(client: &AgentClient, id: &str, runs: u64) -> (Vec<Duration>, Vec<Vec<Step>>) {
+    let process =
+        json!({"user": {"uid": 0, "gid": 0}, "cwd": "/", "args": ["true"], "env": ["PATH=/bin"]});
+    let (mut times, mut steps) = (Vec::new(), Vec::new());
+    for i in 0..runs {
+        let exec_id = format!("e{i}");
+        let mut req = ExecProcessRequest::new();
+        req.container_id = id.to_owned();
+        req.exec_id = exec_id.clone();
+        req.process_json = process.to_string().into_bytes();
+        req.stdio = Some(StdioStreams::new()).into();
+        let t = Instant::now();
+        let started = client
+            .exec_process(&req)
+            .await
+            .unwrap_or_else(|e| panic!("exec {exec_id}: {e}"));
+        let exit = tokio::time::timeout(STEP, client.wait_process(id, &exec_id))
+            .await
+            .unwrap_or_else(|_| panic!("{exec_id} did not exit"))
+            .unwrap_or_else(|e| panic!("wait {exec_id}: {e}"));
+        assert_eq!(exit.exit_code, 0, "{exec_id}: {exit:?}");
+        times.push(t.elapsed());
+        steps.push(started.steps);
+    }
+    (times, steps)
+}
+
+/// The p50 of each step over `runs` (steps in the order of the first run), and of their
+/// total.
+fn step_table(what: &str, runs: &[Vec<Step>]) {
+    let Some(first) = runs.first() else { return };
+    let p50 = |mut v: Vec<u64>| {
+        v.sort_unstable();
+        v[v.len() / 2] as f64 / 1000.0
+    };
+    let totals: Vec<u64> = runs
+        .iter()
+        .map(|r| r.iter().map(|s| s.micros).sum())
+        .collect();
+    println!(
+        "{what}, in the agent: p50 {:.1} ms ({} runs)",
+        p50(totals),
+        runs.len()
+    );
+    for (i, step) in first.iter().enumerate() {
+        let values: Vec<u64> = runs
+            .iter()
+            .filter_map(|r| r.get(i).filter(|s| s.name == step.name).map(|s| s.micros))
+            .collect();
+        if !values.is_empty() {
+            println!("    {:<48} p50 {:>9.1} ms", step.name, p50(values));
+        }
+    }
 }
 
 fn summary(what: &str, mut times: Vec<Duration>) {
@@ -160,8 +231,10 @@ fn main() {
         .await
         .expect("host-mode agent reachable");
         let root = image.root_dir();
-        let times = lifecycle(&client, || directory_rootfs(&root), runs).await;
-        summary("host mode: create+start+wait+remove /bin/true", times);
+        let r = lifecycle(&client, || directory_rootfs(&root), runs).await;
+        summary("host mode: create+start+wait+remove /bin/true", r.times);
+        step_table("host mode: CreateContainer", &r.create_steps);
+        step_table("host mode: StartContainer", &r.start_steps);
     });
     drop(agent);
 
@@ -191,8 +264,37 @@ fn main() {
             .await
             .expect("agent in the VM")
             .with_rpc_timeout(STEP);
-        let times = lifecycle(&client, block_rootfs, runs).await;
-        summary("VM: create+start+wait+remove /bin/true", times);
+        let r = lifecycle(&client, block_rootfs, runs).await;
+        summary("VM: create+start+wait+remove /bin/true", r.times);
+        step_table("VM: CreateContainer", &r.create_steps);
+        step_table("VM: StartContainer", &r.start_steps);
+
+        // Execs of /bin/true in a running container.
+        client
+            .create_container(&request(
+                "sleeper",
+                &spec(&["sleep", "100000"]),
+                block_rootfs(),
+                "",
+            ))
+            .await
+            .expect("create sleeper");
+        client
+            .start_container("sleeper")
+            .await
+            .expect("start sleeper");
+        let (times, steps) = execs(&client, "sleeper", runs).await;
+        summary("VM: ExecProcess+wait /bin/true", times);
+        step_table("VM: ExecProcess", &steps);
+        client
+            .signal_process("sleeper", "", 9, false)
+            .await
+            .expect("kill sleeper");
+        let _ = tokio::time::timeout(STEP, client.wait_process("sleeper", "")).await;
+        client
+            .remove_container("sleeper")
+            .await
+            .expect("remove sleeper");
 
         // stdout throughput over vsock: the container writes zeros as fast as it can.
         let mib = env_u64("HUSK_BENCH_VM_STDIO_MIB", 64);

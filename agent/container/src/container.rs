@@ -21,6 +21,7 @@ use crate::process::ProcessPlan;
 use crate::rootfs::RootfsPlan;
 use crate::seccomp::BpfProgram;
 use crate::sync::{self, Channel, Msg};
+use crate::timing::{Step, Timeline};
 
 /// How long delete waits for killed processes to exit.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -53,6 +54,8 @@ pub struct ProcessHandle {
     pidfd: OwnedFd,
     /// The master of the pty the process opened for a [`Stdio::Terminal`], until taken.
     terminal: Option<OwnedFd>,
+    /// How its setup went, step by step, until taken.
+    pub(crate) steps: Vec<Step>,
 }
 
 impl ProcessHandle {
@@ -68,6 +71,7 @@ impl ProcessHandle {
             pid,
             pidfd,
             terminal: None,
+            steps: Vec::new(),
         })
     }
 
@@ -81,15 +85,22 @@ impl ProcessHandle {
         self.terminal.take()
     }
 
+    /// The steps of the process's setup (the init's creation, an exec), once.
+    pub fn take_steps(&mut self) -> Vec<Step> {
+        std::mem::take(&mut self.steps)
+    }
+
     /// Receives the process's setup messages until it is set up: `Ready` for a held init
     /// (`held`), end-of-file (its execve) otherwise. Keeps the terminal master it sends
-    /// on the way, which `terminal` says to expect. `who` names the process in errors.
+    /// on the way, which `terminal` says to expect, and adds the steps it reports to
+    /// `timeline`. `who` names the process in errors.
     pub(crate) fn await_setup(
         &mut self,
         chan: &Channel,
         held: bool,
         terminal: bool,
         who: &str,
+        timeline: &mut Timeline,
     ) -> Result<()> {
         loop {
             match chan.recv(Some(SETUP_TIMEOUT))? {
@@ -97,8 +108,15 @@ impl ProcessHandle {
                     self.terminal = Some(fd);
                     continue;
                 }
-                Some(Msg::Ready) if held => {}
-                None if !held => {}
+                Some(Msg::Marks(marks)) if !held => {
+                    timeline.add_child(&marks);
+                    continue;
+                }
+                Some(Msg::Ready(marks)) if held => {
+                    timeline.add_child(&marks);
+                    timeline.mark("ready");
+                }
+                None if !held => timeline.mark("execve"),
                 None => return Err(Error::Setup(format!("{who} exited during setup"))),
                 Some(Msg::Fail(why)) => return Err(Error::Setup(why)),
                 Some(other) => {
@@ -313,6 +331,7 @@ impl Container {
         cgroup: Option<&dyn CgroupHandle>,
         spawner: &S,
     ) -> Result<(ProcessHandle, Channel, Option<BpfProgram>, bool, S::Handle)> {
+        let mut timeline = Timeline::start();
         validate_id(id)?;
         crate::spec::validate(spec)?;
         let linux = crate::spec::linux(spec)?;
@@ -343,6 +362,7 @@ impl Container {
             None => None,
         };
         let join = ns.open_joins()?;
+        timeline.mark("plan (spec, seccomp filter)");
         let plan = ChildPlan {
             join: &join,
             new_namespaces: ns.new,
@@ -363,6 +383,7 @@ impl Container {
             Ok(pid)
         })?;
         let init = handle_out.ok_or_else(|| Error::Setup(format!("no pidfd for {pid}")))?;
+        timeline.mark("spawn (fork, clone)");
         let mut guard = Cleanup {
             process: Some(&init),
         };
@@ -377,15 +398,17 @@ impl Container {
         if let Some(cg) = cgroup {
             cg.add_process(pid)?;
         }
+        timeline.mark("id maps, cgroup join");
         parent.send(&Msg::Go)?;
         guard.process = None;
         drop(guard);
         let mut init = init;
         let terminal = matches!(stdio, Stdio::Terminal);
-        if let Err(e) = init.await_setup(&parent, true, terminal, "init") {
+        if let Err(e) = init.await_setup(&parent, true, terminal, "init", &mut timeline) {
             init.kill_and_wait();
             return Err(e);
         }
+        init.steps = timeline.into_steps();
         tracing::debug!(id, pid = pid.as_raw(), "container created");
         Ok((init, parent, seccomp, ns.new_pid(), handle))
     }
@@ -427,9 +450,16 @@ impl Container {
         }
     }
 
-    /// Runs the user's program in the held init. Fails if the container is not Created
-    /// or if execve fails (the init then exits; delete the container).
-    pub fn start(&mut self) -> Result<()> {
+    /// The steps of the init's creation, once.
+    pub fn take_create_steps(&mut self) -> Vec<Step> {
+        self.init.take_steps()
+    }
+
+    /// Runs the user's program in the held init; returns the steps (the Start message,
+    /// the init's seccomp filter and execve). Fails if the container is not Created or if
+    /// execve fails (the init then exits; delete the container).
+    pub fn start(&mut self) -> Result<Vec<Step>> {
+        let mut timeline = Timeline::start();
         if self.status() != Status::Created {
             return Err(self.wrong_state("start", "is not in the created state"));
         }
@@ -437,10 +467,12 @@ impl Container {
             return Err(self.wrong_state("start", "is not in the created state"));
         };
         sync.send(&Msg::Start)?;
+        timeline.mark("start message");
         match sync.recv(Some(SETUP_TIMEOUT))? {
             None => {
+                timeline.mark("execve");
                 tracing::debug!(id = self.id, "container started");
-                Ok(())
+                Ok(timeline.into_steps())
             }
             Some(Msg::Fail(why)) => Err(Error::Setup(why)),
             Some(other) => Err(Error::Setup(format!("unexpected {other:?} from init"))),

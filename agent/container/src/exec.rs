@@ -28,6 +28,7 @@ impl Container {
                 reason: "cannot exec: the container is not running".into(),
             });
         }
+        let mut timeline = crate::timing::Timeline::start();
         let plan = ProcessPlan::from_spec(process, "process")?;
         if plan.terminal && !matches!(stdio, Stdio::Terminal) {
             return Err(Error::invalid(
@@ -65,16 +66,21 @@ impl Container {
         })?;
         let mut proc_handle =
             handle_out.ok_or_else(|| Error::Setup(format!("no pidfd for {pid}")))?;
+        timeline.mark("plan, spawn (namespaces joined, fork, clone)");
         let terminal = matches!(stdio, Stdio::Terminal);
         let result = (|| {
             if let Some(cg) = &self.cgroup {
                 cg.add_process(pid)?;
             }
+            timeline.mark("cgroup join");
             parent.send(&Msg::Go)?;
-            proc_handle.await_setup(&parent, false, terminal, "exec")
+            proc_handle.await_setup(&parent, false, terminal, "exec", &mut timeline)
         })();
         match result {
-            Ok(()) => Ok((proc_handle, handle)),
+            Ok(()) => {
+                proc_handle.steps = timeline.into_steps();
+                Ok((proc_handle, handle))
+            }
             Err(e) => {
                 proc_handle.kill_and_wait();
                 Err(e)

@@ -44,6 +44,7 @@ use crate::process::ProcessPlan;
 use crate::rootfs::RootfsPlan;
 use crate::seccomp::BpfProgram;
 use crate::sync::{Channel, Msg};
+use crate::timing::{ChildMarks, ChildStep};
 
 /// How long the agent waits for a container process to finish its setup. Only a stuck
 /// child hits it (a dead one closes the channel at once), and the host's RPC deadline
@@ -302,6 +303,7 @@ fn container_process(plan: &ChildPlan<'_>, chan: &Channel) -> Result<Infallible>
         None => return Err(Error::Setup("the agent went away before Go".into())),
         Some(other) => return Err(Error::Setup(format!("expected Go, got {other:?}"))),
     }
+    let mut marks = ChildMarks::default();
     if plan.new_namespaces.contains(CloneFlags::CLONE_NEWUSER) {
         // Our ids are still the agent's (host root, unmapped in the new namespace):
         // become the namespace's root now that the agent has written the maps.
@@ -321,19 +323,24 @@ fn container_process(plan: &ChildPlan<'_>, chan: &Channel) -> Result<Infallible>
     if plan.rootfs.is_some() || terminal {
         nix::unistd::setsid().sys(|| "setsid".into())?;
     }
+    marks.mark(ChildStep::Namespaces);
     install_stdio(plan.stdio)?;
     set_hostnames(plan)?;
+    marks.mark(ChildStep::Stdio);
     if let Some(rootfs) = plan.rootfs {
         // umask 0 so device nodes and mount points get exactly the modes asked for.
         // SAFETY: plain syscall.
         let old = unsafe { libc::umask(0) };
         rootfs.prepare()?;
+        marks.mark(ChildStep::Mounts);
         rootfs.enter()?;
+        marks.mark(ChildStep::PivotRoot);
         // In the container's root, before `finish` may make it read-only (as runc).
         if terminal {
             chan.send(&Msg::Terminal(open_container_terminal(true)?))?;
         }
         rootfs.finish()?;
+        marks.mark(ChildStep::RootfsFinish);
         // SAFETY: plain syscall.
         unsafe { libc::umask(old) };
     } else if terminal {
@@ -343,17 +350,26 @@ fn container_process(plan: &ChildPlan<'_>, chan: &Channel) -> Result<Infallible>
     let process = plan.process;
     process.apply_limits()?;
     let program = process.find_program()?;
+    marks.mark(ChildStep::Limits);
     // Without no_new_privs, installing a filter needs CAP_SYS_ADMIN, which set_identity
     // usually drops: then install it now (as runc does), and the profile must allow the
     // few calls that follow. With no_new_privs, as late as possible (below).
     let early_seccomp = !process.no_new_privileges;
+    // An exec'd process reports its steps before its execve closes the channel, and before
+    // any filter of the container's could forbid the send.
+    let mut reported = false;
     if early_seccomp && let Some(prog) = plan.seccomp {
+        if !plan.hold {
+            chan.send(&Msg::Marks(marks))?;
+            reported = true;
+        }
         crate::seccomp::install(prog).map_err(|e| Error::Seccomp(e.to_string()))?;
     }
     process.set_identity()?;
     process.finish()?;
+    marks.mark(ChildStep::Identity);
     if plan.hold {
-        chan.send(&Msg::Ready)?;
+        chan.send(&Msg::Ready(marks))?;
         match chan.recv(None)? {
             Some(Msg::Start) => {}
             // Deleted before start (or the agent died): leave quietly.
@@ -361,6 +377,9 @@ fn container_process(plan: &ChildPlan<'_>, chan: &Channel) -> Result<Infallible>
             None => unsafe { libc::_exit(0) },
             Some(other) => return Err(Error::Setup(format!("expected Start, got {other:?}"))),
         }
+    }
+    if !plan.hold && !reported {
+        chan.send(&Msg::Marks(marks))?;
     }
     // Last: the filter may forbid the calls above.
     if !early_seccomp && let Some(prog) = plan.seccomp {

@@ -22,9 +22,11 @@ pub mod safe_path;
 pub mod seccomp;
 pub mod spec;
 mod sync;
+pub mod timing;
 
 pub use container::{
     CgroupHandle, Container, CreateOptions, ProcessHandle, Spawner, State, Status, validate_id,
 };
 pub use error::{Error, Result};
 pub use init::Stdio;
+pub use timing::{Step, Timeline};

@@ -16,6 +16,7 @@ use nix::sys::socket::{
 use nix::unistd::Pid;
 
 use crate::error::{Error, Result, SysContext};
+use crate::timing::ChildMarks;
 
 /// Longest message (error texts are cut to fit).
 const MAX_MSG: usize = 4096;
@@ -24,8 +25,10 @@ const MAX_MSG: usize = 4096;
 pub enum Msg {
     /// Stage 1 -> agent: the container process's pid (in the agent's pid namespace).
     Pid(Pid),
-    /// Child -> agent: set up, waiting for Start (init only).
-    Ready,
+    /// Child -> agent: set up, waiting for Start (init only), with its setup steps.
+    Ready(ChildMarks),
+    /// Child -> agent, right before its execve (exec'd processes): its setup steps.
+    Marks(ChildMarks),
     /// Child -> agent: setup failed; the child exits after sending this.
     Fail(String),
     /// Agent -> child: id maps written and cgroup joined, go on.
@@ -44,7 +47,16 @@ impl Msg {
                 v.extend_from_slice(&pid.as_raw().to_le_bytes());
                 v
             }
-            Msg::Ready => vec![b'R'],
+            Msg::Ready(marks) => {
+                let mut v = vec![b'R'];
+                marks.encode(&mut v);
+                v
+            }
+            Msg::Marks(marks) => {
+                let mut v = vec![b'M'];
+                marks.encode(&mut v);
+                v
+            }
             Msg::Go => vec![b'G'],
             Msg::Start => vec![b'S'],
             // The fd itself travels as SCM_RIGHTS.
@@ -70,7 +82,8 @@ impl Msg {
         }
         Some(match tag {
             b'P' => Msg::Pid(Pid::from_raw(i32::from_le_bytes(rest.try_into().ok()?))),
-            b'R' if rest.is_empty() => Msg::Ready,
+            b'R' => Msg::Ready(ChildMarks::decode(rest)?),
+            b'M' => Msg::Marks(ChildMarks::decode(rest)?),
             b'G' if rest.is_empty() => Msg::Go,
             b'S' if rest.is_empty() => Msg::Start,
             b'F' => Msg::Fail(String::from_utf8_lossy(rest).into_owned()),
@@ -206,7 +219,12 @@ mod tests {
         let (a, b) = pair().unwrap();
         for m in [
             Msg::Pid(Pid::from_raw(4242)),
-            Msg::Ready,
+            Msg::Ready(ChildMarks::default()),
+            Msg::Marks({
+                let mut m = ChildMarks::default();
+                m.mark(crate::timing::ChildStep::Mounts);
+                m
+            }),
             Msg::Go,
             Msg::Start,
             Msg::Fail("x: y".into()),

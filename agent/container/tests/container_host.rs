@@ -428,18 +428,55 @@ fn exec_joins_the_containers_namespaces() {
             .is_err(),
         "exec before start"
     );
-    r.container.start().unwrap();
+    // Where the creation, the start and the exec below spent their time, step by step.
+    let names = |steps: &[husk_container::Step]| -> Vec<&'static str> {
+        steps.iter().map(|s| s.name).collect()
+    };
+    assert_eq!(
+        names(&r.container.take_create_steps()),
+        [
+            "plan (spec, seccomp filter)",
+            "spawn (fork, clone)",
+            "id maps, cgroup join",
+            "child: namespaces",
+            "child: stdio",
+            "child: mounts",
+            "child: pivot_root",
+            "child: rootfs finish",
+            "child: rlimits, program lookup",
+            "child: ids, capabilities",
+            "ready"
+        ]
+    );
+    assert_eq!(
+        names(&r.container.start().unwrap()),
+        ["start message", "execve"]
+    );
     let pid = r.container.pid();
     process.set_args(Some(vec![
         "sh".into(), "-c".into(),
         "for n in pid mnt uts ipc net; do readlink /proc/self/ns/$n; done; hostname; echo $FOO; exit 5".into(),
     ]));
     let (mut out_r, out_w) = pipe();
-    let (handle, exit) = r
+    let (mut handle, exit) = r
         .container
         .exec(&process, stdio_to(&out_w), TestReaper::get().as_ref())
         .expect("exec");
     drop(out_w);
+    let steps = handle.take_steps();
+    assert_eq!(
+        names(&steps),
+        [
+            "plan, spawn (namespaces joined, fork, clone)",
+            "cgroup join",
+            "child: namespaces",
+            "child: stdio",
+            "child: rlimits, program lookup",
+            "child: ids, capabilities",
+            "execve"
+        ]
+    );
+    assert!(steps.iter().map(|s| s.micros).sum::<u64>() > 0);
     assert!(matches!(wait_status(&exit), WaitStatus::Exited(p, 5) if p == handle.pid()));
     let mut out = String::new();
     out_r.read_to_string(&mut out).unwrap();

@@ -517,13 +517,17 @@ impl AgentClient {
             .await
     }
 
-    /// `StartContainer`: runs the user's program of a created container.
-    pub async fn start_container(&self, container_id: &str) -> Result<(), ClientError> {
+    /// `StartContainer`: runs the user's program of a created container; returns the steps
+    /// the agent took ([`crate::steps`]).
+    pub async fn start_container(
+        &self,
+        container_id: &str,
+    ) -> Result<Vec<crate::agent::Step>, ClientError> {
         let mut req = StartContainerRequest::new();
         req.container_id = container_id.to_owned();
         self.call::<_, StartContainerResponse>("StartContainer", self.ctx(), &req)
             .await
-            .map(drop)
+            .map(|r| r.steps)
     }
 
     /// `ExecProcess`: a new process in a running container; returns its pid.

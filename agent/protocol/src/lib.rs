@@ -5,6 +5,7 @@
 //!   registration function (`create_agent_service`) and raw client (`AgentServiceClient`).
 //! - [`client`]: connecting to an agent through the VMM's hybrid-vsock socket or a
 //!   plain Unix socket, with retries while the VM boots.
+//! - [`steps`]: the agent's per-step timings of a container's creation, start or exec.
 
 /// The guest vsock port the agent listens on.
 pub const AGENT_VSOCK_PORT: u32 = 1024;
@@ -49,5 +50,6 @@ pub mod agent_ttrpc {
 pub mod client;
 pub mod reply_bound;
 pub mod stdio;
+pub mod steps;
 
 pub use ttrpc;

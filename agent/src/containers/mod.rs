@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use std::time::SystemTime;
 
 use husk_container::cgroup::{self, Cgroup};
-use husk_container::{Container, CreateOptions, ProcessHandle, Spawner, Stdio, spec};
+use husk_container::{Container, CreateOptions, ProcessHandle, Spawner, Stdio, Timeline, spec};
 use husk_protocol::agent::{
     CreateContainerRequest, CreateSandboxRequest, ExecProcessRequest, StatsContainerResponse,
     WaitProcessResponse,
@@ -310,7 +310,12 @@ impl Containers {
 
     // ---------- create ----------
 
-    pub async fn create(&self, req: CreateContainerRequest) -> Result<u32, Failure> {
+    /// Creates the container; returns its init's pid and the steps the creation took.
+    pub async fn create(
+        &self,
+        req: CreateContainerRequest,
+    ) -> Result<(u32, Vec<husk_container::Step>), Failure> {
+        let mut timeline = Timeline::start();
         let id = req.container_id.clone();
         let what = format!("container {id}");
         husk_container::validate_id(&id).map_err(|e| Failure::lib("container_id", e))?;
@@ -362,6 +367,7 @@ impl Containers {
         let bundle = self.state_dir.join("containers").join(&id);
         std::fs::create_dir_all(&bundle)
             .map_err(|e| Failure::os(format!("{what}: mkdir {}", bundle.display()), &e))?;
+        timeline.mark("spec");
         let result = self
             .create_in_bundle(
                 &id,
@@ -371,6 +377,7 @@ impl Containers {
                 streams,
                 cgroups_path.as_deref(),
                 &resources,
+                &mut timeline,
             )
             .await;
         match result {
@@ -378,7 +385,8 @@ impl Containers {
                 let pid = entry.proc("").map(|p| to_u32(p.pid)).unwrap_or(0);
                 lock(&self.map).insert(id, Slot::Ready(entry));
                 reservation.done = true;
-                Ok(pid)
+                timeline.mark("terminal, OOM watch");
+                Ok((pid, timeline.into_steps()))
             }
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&bundle);
@@ -397,6 +405,7 @@ impl Containers {
         streams: StreamIds,
         cgroups_path: Option<&Path>,
         resources: &LinuxResources,
+        timeline: &mut Timeline,
     ) -> Result<Arc<Entry>, Failure> {
         let what = format!("container {id}");
         let (b, rootfs_src, sys_block) = (
@@ -408,6 +417,7 @@ impl Containers {
             blocking(move || mounts::prepare_rootfs(&b, rootfs_src.as_ref(), &sys_block))
                 .await
                 .map_err(|e| Failure::new(e.code, &what, e.message))?;
+        timeline.mark("rootfs (disk or share, overlay)");
         if let Some(r) = spec.root_mut() {
             r.set_path(root);
         }
@@ -428,6 +438,7 @@ impl Containers {
             }
             None => None,
         };
+        timeline.mark("cgroup");
         let stdio = match stdio::prepare(&self.broker, &what, &streams, req.terminal) {
             Ok(s) => s,
             Err(e) => {
@@ -437,6 +448,7 @@ impl Containers {
                 return Err(e);
             }
         };
+        timeline.mark("stdio streams");
         let opts = CreateOptions {
             id: id.to_owned(),
             bundle: bundle.to_owned(),
@@ -462,6 +474,7 @@ impl Containers {
                 return Err(Failure::new(e.code, &what, e.message));
             }
         };
+        timeline.include(container.take_create_steps(), "agent thread hand-off");
         if let Err(e) =
             stdio::set_terminal(&self.broker, &what, &streams, container.take_terminal())
         {
@@ -596,7 +609,8 @@ impl Containers {
 
     // ---------- lifecycle ----------
 
-    pub async fn start(&self, id: &str) -> Result<(), Failure> {
+    /// Starts the container's program; returns the steps it took.
+    pub async fn start(&self, id: &str) -> Result<Vec<husk_container::Step>, Failure> {
         let entry = self.entry(id)?;
         let e2 = entry.clone();
         blocking(move || {
@@ -609,7 +623,12 @@ impl Containers {
         .await
     }
 
-    pub async fn exec(&self, req: ExecProcessRequest) -> Result<u32, Failure> {
+    /// Starts a process in a running container; returns its pid and the steps it took.
+    pub async fn exec(
+        &self,
+        req: ExecProcessRequest,
+    ) -> Result<(u32, Vec<husk_container::Step>), Failure> {
+        let mut timeline = Timeline::start();
         let entry = self.entry(&req.container_id)?;
         let exec_id = req.exec_id.clone();
         let what = format!("process {exec_id} of container {}", entry.id);
@@ -631,8 +650,10 @@ impl Containers {
             }
             procs.insert(exec_id.clone(), None);
         }
+        timeline.mark("spec");
         let result = async {
             let stdio: Stdio = stdio::prepare(&self.broker, &what, &streams, req.terminal)?;
+            timeline.mark("stdio streams");
             let reaper = self.reaper.clone();
             let w = what.clone();
             // As for create, the library drops the process's stdio fds after the spawn.
@@ -650,6 +671,7 @@ impl Containers {
                     return Err(e);
                 }
             };
+            timeline.include(handle.take_steps(), "agent thread hand-off");
             if let Err(e) =
                 stdio::set_terminal(&self.broker, &what, &streams, handle.take_terminal())
             {
@@ -670,7 +692,8 @@ impl Containers {
             Ok(p) => {
                 let pid = to_u32(p.pid);
                 procs.insert(exec_id, Some(Arc::new(p)));
-                Ok(pid)
+                timeline.mark("terminal");
+                Ok((pid, timeline.into_steps()))
             }
             Err(e) => {
                 procs.remove(&exec_id);

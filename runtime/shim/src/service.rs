@@ -520,6 +520,11 @@ impl Inner {
                 "creating container {} in the VM",
                 req.id
             )))?;
+        tracing::debug!(
+            id = %req.id,
+            steps = %husk_protocol::steps::summary(&created.steps),
+            "container created in the VM"
+        );
         if vm.owner_id == req.id {
             vm.set_owner_guest_pid(created.pid);
         }
@@ -544,10 +549,15 @@ impl Inner {
         }
         let client = c.sandbox().client();
         if p.exec_id.is_empty() {
-            client
+            let steps = client
                 .start_container(&c.id)
                 .await
                 .map_err(ShimError::agent(format!("starting container {}", c.id)))?;
+            tracing::debug!(
+                id = %c.id,
+                steps = %husk_protocol::steps::summary(&steps),
+                "container started in the VM"
+            );
             p.set_running();
             let event = TaskStart {
                 container_id: c.id.clone(),
@@ -570,10 +580,16 @@ impl Inner {
             ereq.process_json = p.process_json.clone();
             ereq.stdio = Some(p.streams.clone()).into();
             ereq.terminal = p.io.terminal;
-            client
+            let started = client
                 .exec_process(&ereq)
                 .await
                 .map_err(ShimError::agent(describe(&c, &p)))?;
+            tracing::debug!(
+                id = %c.id,
+                exec_id = %p.exec_id,
+                steps = %husk_protocol::steps::summary(&started.steps),
+                "process started in the VM"
+            );
             match stdio::start(c.sandbox().target(), &p.io, &p.streams).await {
                 Ok(r) => p.set_relays(r),
                 Err(e) => tracing::warn!("{}: stdio: {e:#}", describe(&c, &p)),

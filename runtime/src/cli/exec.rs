@@ -321,9 +321,14 @@ impl ExecSession {
         req.process_json = process.to_string().into_bytes();
         req.stdio = Some(ids.clone()).into();
         req.terminal = terminal;
-        rt.block_on(client.exec_process(&req))
+        let started = rt
+            .block_on(client.exec_process(&req))
             .with_context(|| format!("exec in {}", st.id))
             .map_err(|e| agent::explain_failed_call(store, st, e))?;
+        tracing::debug!(
+            steps = %husk_protocol::steps::summary(&started.steps),
+            "process started in the VM"
+        );
         let host = if terminal {
             match console_socket {
                 Some(sock) => {

@@ -227,7 +227,7 @@ pub fn start(g: &GlobalOpts, id: &str) -> Result<()> {
         Status::Stopped => bail!("cannot start a container that has stopped"),
         other => bail!("cannot start a container in the {other} state"),
     }
-    agent::block_on(async {
+    let steps = agent::block_on(async {
         let client = agent::connect(&store, id).await?;
         client
             .start_container(&st.agent_id)
@@ -235,6 +235,10 @@ pub fn start(g: &GlobalOpts, id: &str) -> Result<()> {
             .with_context(|| format!("starting {id}"))
     })?
     .map_err(|e| agent::explain_failed_call(&store, &st, e))?;
+    tracing::debug!(
+        steps = %husk_protocol::steps::summary(&steps),
+        "container started in the VM"
+    );
     st.status = Status::Running;
     store.save(&lock, &st)?;
     drop(lock);

@@ -258,6 +258,10 @@ impl Monitor {
                 .await
                 .with_context(|| format!("creating {id} in the VM"))
         }))?;
+        tracing::debug!(
+            steps = %husk_protocol::steps::summary(&created.steps),
+            "container created in the VM"
+        );
 
         let terminal_host = if st.terminal {
             match (&opts.console_socket, opts.terminal_on_own_stdio) {
@@ -300,9 +304,14 @@ impl Monitor {
 
     /// StartContainer (foreground `run`; otherwise `husk start` does it).
     pub fn start(&self) -> Result<()> {
-        self.rt
+        let steps = self
+            .rt
             .block_on(self.client.start_container(&self.agent_id))
             .with_context(|| format!("starting {}", self.id))?;
+        tracing::debug!(
+            steps = %husk_protocol::steps::summary(&steps),
+            "container started in the VM"
+        );
         update(&self.store, &self.id, |st| st.status = Status::Running)?;
         Ok(())
     }
