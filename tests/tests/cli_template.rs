@@ -8,12 +8,24 @@
 use std::process::Stdio;
 
 use husk_tests::GuestImage;
-use husk_tests::host::skip_without_kvm;
 use husk_tests::husk_cli::{Bundle, Husk, spec, virtiofs_setup};
 use serde_json::Value;
 
 /// Two guests booting side by side on a small host each take several times longer.
 static ONE_VM: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// `husk template create` in a store with no template yet: its key, and the one template
+/// `template list` then shows.
+fn create_template(husk: &Husk) -> (String, Vec<Value>) {
+    let o = husk.output(&["template", "create"]).unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "template create: {stderr}");
+    let key = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    eprintln!("template create: {}", stderr.lines().last().unwrap_or(""));
+    let listed = templates(husk);
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    (key, listed)
+}
 
 /// `husk --log LOG run` of a bundle; returns stdout and the log, after checking success.
 fn run_logged(husk: &Husk, b: &Bundle, id: &str) -> (String, String) {
@@ -76,13 +88,7 @@ fn run_restores_a_template_into_unique_containers_on_their_own_share() {
         String::from_utf8_lossy(&o.stderr)
     );
 
-    let o = husk.output(&["template", "create"]).unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "template create: {stderr}");
-    let key = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-    eprintln!("template create: {}", stderr.lines().last().unwrap_or(""));
-    let listed = templates(&husk);
-    assert_eq!(listed.len(), 1, "{listed:?}");
+    let (key, listed) = create_template(&husk);
     assert_eq!(listed[0]["key"], key.as_str());
     assert_eq!(listed[0]["usable"], true, "{listed:?}");
     assert_eq!(listed[0]["slots"][0], "fs:shared");
@@ -165,15 +171,8 @@ fn run_restores_a_template_into_unique_containers_on_their_own_share() {
 fn run_restores_a_block_template_with_each_containers_image_in_its_disk_slot() {
     let _one = ONE_VM.lock().unwrap_or_else(|e| e.into_inner());
     let test = "run_restores_a_block_template_with_each_containers_image_in_its_disk_slot";
-    if skip_without_kvm(test) {
+    let Some(image) = GuestImage::or_skip(test) else {
         return;
-    }
-    let image = match GuestImage::locate_or_build() {
-        Ok(i) => i,
-        Err(e) => {
-            eprintln!("SKIPPED {test}: no guest image: {e:#}");
-            return;
-        }
     };
     let config = Husk::guest_config(&image, "rootfs_mode = \"block\"\nlog_level = \"info\"\n");
     let husk = Husk::new(&config).expect("husk setup");
@@ -194,13 +193,7 @@ fn run_restores_a_block_template_with_each_containers_image_in_its_disk_slot() {
         String::from_utf8_lossy(&o.stderr)
     );
     // The configuration's mode (block) by default.
-    let o = husk.output(&["template", "create"]).unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "template create: {stderr}");
-    let key = String::from_utf8_lossy(&o.stdout).trim().to_owned();
-    eprintln!("template create: {}", stderr.lines().last().unwrap_or(""));
-    let listed = templates(&husk);
-    assert_eq!(listed.len(), 1, "{listed:?}");
+    let (key, listed) = create_template(&husk);
     assert_eq!(listed[0]["slots"], serde_json::json!(["blk:rootfs,ro"]));
 
     // Two images of different sizes in the slot that was empty at the snapshot: the guest
