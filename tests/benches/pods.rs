@@ -20,11 +20,17 @@
 //!   else the host runs meanwhile counts too);
 //! - host CPU per idle husk pod while all N sleep.
 //!
+//! Then cold against warm: `HUSK_BENCH_POD_PAIRS` pairs (default 5; 0 skips it) of husk
+//! pods started one after the other, alternately with `template = "off"` (the VM boots)
+//! and `template = "auto"` (it restores the template of its shape), p50 of each and the
+//! ratio. Shims read the configuration when they start, so each pod gets the mode written
+//! just before it.
+//!
 //! The harness is `husk_tests::cri` (a private containerd 1.6 with a CNI bridge network and
 //! imported images).
 //!
 //! `cargo bench -p husk-tests --bench pods`. Knobs: `HUSK_BENCH_PODS` (default 3),
-//! `HUSK_BENCH_PARALLEL` (default 8).
+//! `HUSK_BENCH_PARALLEL` (default 8), `HUSK_BENCH_POD_PAIRS` (default 5).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -75,6 +81,54 @@ fn shim_memory(h: &CriHarness, pod: &Pod) -> Option<u64> {
     };
     let total = proc_stats::memory_excluding_guest_ram(&process_tree(shim), MEMORY_MIB << 20, "");
     Some(total)
+}
+
+/// RunPodSandbox + CreateContainer + StartContainer of one husk pod named `name`, then its
+/// removal; returns the start latency.
+fn husk_pod_start(h: &CriHarness, name: &str) -> Duration {
+    let t = Instant::now();
+    let pod = h
+        .run_pod(name, HUSK_HANDLER)
+        .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:#}\n{}", h.log_tail(40)));
+    let id = h
+        .create_container(&pod, "sleeper", &["sleep", "100000"])
+        .unwrap_or_else(|e| panic!("CreateContainer in {name}: {e:#}\n{}", h.log_tail(40)));
+    h.cri()
+        .start_container(&id)
+        .unwrap_or_else(|e| panic!("StartContainer in {name}: {e:#}\n{}", h.log_tail(40)));
+    let elapsed = t.elapsed();
+    h.cri()
+        .stop_pod_sandbox(&pod.id)
+        .and_then(|()| h.cri().remove_pod_sandbox(&pod.id))
+        .unwrap_or_else(|e| panic!("removing {name}: {e:#}\n{}", h.log_tail(40)));
+    elapsed
+}
+
+/// `pairs` husk pods booted cold and as many restored from the template, alternated; prints
+/// the p50 of each and the ratio.
+fn cold_against_template(h: &CriHarness, config: &Path, base: &str, pairs: u64) {
+    let set_mode = |mode: &str| {
+        std::fs::write(config, format!("{base}template = \"{mode}\"\n"))
+            .unwrap_or_else(|e| panic!("writing {}: {e}", config.display()));
+    };
+    let (mut cold, mut warm) = (Vec::new(), Vec::new());
+    for i in 0..pairs {
+        set_mode("off");
+        cold.push(husk_pod_start(h, &format!("cold-{i}")));
+        set_mode("auto");
+        warm.push(husk_pod_start(h, &format!("warm-{i}")));
+    }
+    set_mode("auto");
+    let (Some(cold), Some(warm)) = (Stats::of(cold), Stats::of(warm)) else {
+        return;
+    };
+    let what = "husk: RunPodSandbox + CreateContainer + StartContainer";
+    println!("{}", cold.line(&format!("{what}, cold boot"), "pods"));
+    println!("{}", warm.line(&format!("{what}, from a template"), "pods"));
+    println!(
+        "ratio cold / template pod start, p50: {:.1}x",
+        cold.p50.as_secs_f64() / warm.p50.as_secs_f64()
+    );
 }
 
 /// Starts `pods` pods with `handler` one after the other, each with one `sleep` container;
@@ -177,7 +231,7 @@ fn main() {
         .tempdir()
         .expect("temp dir");
     // The husk handler needs /dev/kvm, the guest image and the shim; runc always runs.
-    let husk_setup: Result<(PathBuf, PathBuf), String> = (|| {
+    let husk_setup: Result<(PathBuf, PathBuf, String), String> = (|| {
         if let Some(reason) = kvm_unavailable_reason() {
             return Err(reason);
         }
@@ -191,14 +245,14 @@ fn main() {
             None => format!("rootfs_mode = \"block\"\nmemory_mib = {MEMORY_MIB}\n"),
         };
         let config = work.path().join("husk.toml");
-        std::fs::write(&config, Husk::guest_config(&image, &extra))
-            .map_err(|e| format!("writing {}: {e}", config.display()))?;
+        let text = Husk::guest_config(&image, &extra);
+        std::fs::write(&config, &text).map_err(|e| format!("writing {}: {e}", config.display()))?;
         let dir = shim.parent().map(Path::to_path_buf).unwrap_or_default();
-        Ok((dir, config))
+        Ok((dir, config, text))
     })();
     let busybox = BusyboxImage::build().expect("busybox rootfs");
     let (shim_dirs, env): (Vec<&Path>, Vec<(&str, &Path)>) = match &husk_setup {
-        Ok((dir, config)) => (vec![dir.as_path()], vec![("HUSK_CONFIG", config.as_path())]),
+        Ok((dir, config, _)) => (vec![dir.as_path()], vec![("HUSK_CONFIG", config.as_path())]),
         Err(_) => (Vec::new(), Vec::new()),
     };
     let h = CriHarness::start(&shim_dirs, &env, &busybox.root_dir())
@@ -214,6 +268,15 @@ fn main() {
             );
         }
         Err(reason) => println!("husk pod figures skipped: {reason}"),
+    }
+    let pairs = std::env::var("HUSK_BENCH_POD_PAIRS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5u64);
+    if let Ok((_, config, text)) = &husk_setup
+        && pairs > 0
+    {
+        cold_against_template(&h, config, text, pairs);
     }
 
     let parallel = std::env::var("HUSK_BENCH_PARALLEL")
