@@ -150,6 +150,10 @@ pub fn launch_config(
         path_arg(vm_socket)?,
         "--cpu-template".into(),
         config.cpu_template.clone(),
+        // The VMM is a process of its own: without this it would log at its default level
+        // (warn), not at the runtime's (its snapshot and device lines at info).
+        "--log-level".into(),
+        config.log_level.clone(),
     ]);
     args.extend(devices);
     if config.vmm_seccomp == husk_vmm::seccomp::SeccompMode::Off {
@@ -190,7 +194,7 @@ mod tests {
         std::fs::write(&i, b"i").unwrap();
         let config = Config::parse(
             &format!(
-                "kernel = {:?}\ninitramfs = {:?}\nkernel_cmdline = \"quiet\"\n",
+                "kernel = {:?}\ninitramfs = {:?}\nkernel_cmdline = \"quiet\"\nlog_level = \"info\"\n",
                 k.display().to_string(),
                 i.display().to_string()
             ),
@@ -202,7 +206,14 @@ mod tests {
             memory_mib: 128,
         };
         let sock = Path::new("/run/x/vm.sock");
-        let boot = vm_config(&config, size, sock, vec![]).unwrap().config;
+        let launch = vm_config(&config, size, sock, vec![]).unwrap();
+        assert!(
+            launch.args.windows(2).any(|w| w == ["--log-level", "info"]),
+            "the VMM process logs at the runtime's level: {:?}",
+            launch.args
+        );
+        let boot = launch.config;
+        assert_eq!(boot.log_level, "info");
         assert_eq!(boot.restore, None);
         assert_eq!(boot.seccomp, husk_vmm::seccomp::SeccompMode::Enforce);
         let mut unconfined = config.clone();
