@@ -2,7 +2,8 @@
 //! second binary to find). `husk` and `containerd-shim-husk-v2` call [`main`] first thing
 //! when their first argument is [`SUBCOMMAND`].
 //!
-//! `<exe> __vmm [--jail SPEC_JSON] [--result-fd N] -- <husk-vmm arguments>`
+//! `<exe> __vmm [--jail SPEC_JSON] [--result-fd N] [--log-json] -- <husk-vmm arguments>`
+//! (`--log-json`: log lines as JSON objects, for a launcher whose log is JSON).
 
 use std::ffi::OsString;
 use std::io::Write;
@@ -29,6 +30,7 @@ pub enum Outcome {
 struct Args {
     jail: Option<JailSpec>,
     result_fd: Option<RawFd>,
+    log_json: bool,
     vmm: Vec<OsString>,
 }
 
@@ -37,6 +39,7 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
     let mut out = Args {
         jail: None,
         result_fd: None,
+        log_json: false,
         vmm: vec!["husk-vmm".into()],
     };
     while let Some(a) = it.next() {
@@ -55,6 +58,7 @@ fn parse(args: &[OsString]) -> Result<Args, String> {
                     .ok_or("--result-fd needs a value")?;
                 out.result_fd = Some(v.parse().map_err(|e| format!("--result-fd {v}: {e}"))?);
             }
+            Some("--log-json") => out.log_json = true,
             Some("--") => {
                 out.vmm.extend(it.cloned());
                 return Ok(out);
@@ -106,12 +110,18 @@ fn run(args: &Args, start: Instant) -> Outcome {
         Err(e) => return Outcome::Failed(e.to_string()),
     };
     match EnvFilter::try_new(&config.log_level) {
-        Ok(filter) => tracing_subscriber::fmt()
-            .with_env_filter(filter)
-            .with_writer(std::io::stderr)
-            .with_ansi(false)
-            .with_target(false)
-            .init(),
+        Ok(filter) => {
+            let builder = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_writer(std::io::stderr)
+                .with_ansi(false)
+                .with_target(false);
+            if args.log_json {
+                builder.json().flatten_event(true).init();
+            } else {
+                builder.init();
+            }
+        }
         Err(e) => return Outcome::Failed(format!("--log-level {}: {e}", config.log_level)),
     }
     // Needs /sys and /proc, which the jail has not.
@@ -151,6 +161,12 @@ mod tests {
     fn arguments_split_at_the_double_dash_and_bad_ones_are_named() {
         let a = parse(&os(&["--result-fd", "7", "--", "--kernel", "/k"])).unwrap();
         assert_eq!(a.result_fd, Some(7));
+        assert!(!a.log_json);
+        assert!(
+            parse(&os(&["--log-json", "--", "--kernel", "/k"]))
+                .unwrap()
+                .log_json
+        );
         assert!(a.jail.is_none());
         assert_eq!(a.vmm, os(&["husk-vmm", "--kernel", "/k"]));
         let e = parse(&os(&["--kernel", "/k"])).err().unwrap();

@@ -41,7 +41,17 @@ pub struct VmmProcess {
     jail: Option<JailSpec>,
 }
 
-/// Starts `<exe> __vmm` with `vmm_args` (husk-vmm's arguments), in `jail` if given. The
+/// Where a VMM process logs, when not to its launcher's stderr.
+#[derive(Debug)]
+pub struct VmmLog {
+    /// Its stderr (a log file opened for appending).
+    pub file: File,
+    /// JSON lines instead of text.
+    pub json: bool,
+}
+
+/// Starts `<exe> __vmm` with `vmm_args` (husk-vmm's arguments), in `jail` if given, logging
+/// to `log` if given (else to the caller's stderr). The
 /// process is killed if the calling *thread* ends (parent-death signal), so call this from
 /// the thread that waits for it. It has its own process group: a terminal's Ctrl-C goes
 /// to the container's relay, not to the VM.
@@ -50,6 +60,7 @@ pub fn spawn(
     vmm_args: &[String],
     jail: Option<JailSpec>,
     console_on_stdout: bool,
+    log: Option<VmmLog>,
 ) -> Result<VmmProcess, LaunchError> {
     if let Some(spec) = &jail {
         prepare(spec)?;
@@ -62,6 +73,12 @@ pub fn spawn(
         let json = serde_json::to_string(spec)
             .map_err(|e| prepare_err("the jail's description".into())(e.into()))?;
         cmd.arg("--jail").arg(json);
+    }
+    if let Some(log) = log {
+        if log.json {
+            cmd.arg("--log-json");
+        }
+        cmd.stderr(Stdio::from(log.file));
     }
     let w_fd = w.as_raw_fd();
     cmd.arg("--result-fd")

@@ -23,5 +23,5 @@ pub mod privileges;
 pub mod spec;
 
 pub use entry::SUBCOMMAND;
-pub use launch::{LaunchError, VmmProcess};
+pub use launch::{LaunchError, VmmLog, VmmProcess};
 pub use spec::{Bind, BindKind, JailSpec, SpecError};

@@ -21,6 +21,26 @@ pub enum VmConfigError {
     Launch(husk_jailer::LaunchError),
 }
 
+/// How the VMM processes of this process log, when their launcher said.
+static VMM_LOG: std::sync::OnceLock<VmmLogging> = std::sync::OnceLock::new();
+
+/// How the VMM processes a launcher starts log: its own filter, and its log file (if it
+/// logs to one: a CLI monitor, whose stderr is the container's) with its format.
+#[derive(Debug, Clone)]
+pub struct VmmLogging {
+    pub filter: String,
+    pub file: Option<PathBuf>,
+    pub json: bool,
+}
+
+/// Makes every VMM this process launches log as `logging` says (the launcher's level and
+/// file, so that its log holds the VMM's lines as it did when the VMM was one of its
+/// threads); without it VMMs log at the configuration's `log_level` to the launcher's
+/// stderr. Only the first call counts.
+pub fn set_vmm_logging(logging: VmmLogging) {
+    let _ = VMM_LOG.set(logging);
+}
+
 /// The serial of a container's rootfs disk in block mode; the agent finds the disk by it.
 pub const ROOTFS_SERIAL: &str = "rootfs";
 
@@ -86,8 +106,34 @@ impl VmmLaunch {
             None
         };
         let console_on_stdout = self.config.console == husk_vmm::config::Console::Stdout;
-        husk_jailer::launch::spawn(Path::new(SELF_EXE), &self.args, jail, console_on_stdout)
-            .map_err(VmConfigError::Launch)
+        let log = match VMM_LOG.get() {
+            Some(VmmLogging {
+                file: Some(path),
+                json,
+                ..
+            }) => Some(husk_jailer::VmmLog {
+                file: std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(path)
+                    .map_err(|e| {
+                        VmConfigError::Invalid(format!(
+                            "opening the log file {} for the VMM: {e}",
+                            path.display()
+                        ))
+                    })?,
+                json: *json,
+            }),
+            _ => None,
+        };
+        husk_jailer::launch::spawn(
+            Path::new(SELF_EXE),
+            &self.args,
+            jail,
+            console_on_stdout,
+            log,
+        )
+        .map_err(VmConfigError::Launch)
     }
 
     /// Runs the VMM process to its end ([`VmmLaunch::spawn`], from the calling thread): why
@@ -153,7 +199,10 @@ pub fn launch_config(
         // The VMM is a process of its own: without this it would log at its default level
         // (warn), not at the runtime's (its snapshot and device lines at info).
         "--log-level".into(),
-        config.log_level.clone(),
+        VMM_LOG
+            .get()
+            .map(|l| l.filter.clone())
+            .unwrap_or_else(|| config.log_level.clone()),
     ]);
     args.extend(devices);
     if config.vmm_seccomp == husk_vmm::seccomp::SeccompMode::Off {

@@ -234,6 +234,12 @@ fn run_restores_a_block_template_with_each_containers_image_in_its_disk_slot() {
             log_text.contains("VM restored from its template") && log_text.contains(&key),
             "the VM was restored, not booted: {log_text}"
         );
+        // The VMM process logs into the monitor's log at its level, not into the
+        // container's stderr.
+        assert!(
+            log_text.contains("configuring VM"),
+            "the VMM's info lines in the --log file: {log_text}"
+        );
     }
     assert_ne!(uuids[0], uuids[1], "clones draw different random numbers");
 

@@ -12,10 +12,17 @@ use tracing_subscriber::EnvFilter;
 
 /// `HUSK_LOG` (a tracing filter) wins; else `debug` with containerd's `-debug`, else `info`.
 pub fn init(debug: bool) {
-    let filter = std::env::var("HUSK_LOG")
+    let text = std::env::var("HUSK_LOG")
         .ok()
-        .and_then(|f| EnvFilter::try_new(f).ok())
-        .unwrap_or_else(|| EnvFilter::new(if debug { "debug" } else { "info" }));
+        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .unwrap_or_else(|| if debug { "debug" } else { "info" }.to_owned());
+    // The VMM processes the shim starts write to the same log (fd 2, below) at its level.
+    husk_runtime::vm_config::set_vmm_logging(husk_runtime::vm_config::VmmLogging {
+        filter: text.clone(),
+        file: None,
+        json: false,
+    });
+    let filter = EnvFilter::new(&text);
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(false)

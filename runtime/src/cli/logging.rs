@@ -62,9 +62,18 @@ pub fn init(global: &GlobalOpts, command: &Command) -> Result<LogHandle> {
         (None, Some(id)) => Some(global.root.join(id).join(MONITOR_LOG)),
         (None, None) => None,
     };
-    let filter = EnvFilter::try_from_env("HUSK_LOG")
-        .or_else(|_| EnvFilter::try_new(level(global)))
-        .context("log filter")?;
+    let text = std::env::var("HUSK_LOG")
+        .ok()
+        .filter(|f| EnvFilter::try_new(f).is_ok())
+        .unwrap_or_else(|| level(global));
+    let filter = EnvFilter::try_new(&text).context("log filter")?;
+    // A monitor's VMM process writes to the same log at the same level (not to the
+    // monitor's stderr, which is the container's).
+    husk_runtime::vm_config::set_vmm_logging(husk_runtime::vm_config::VmmLogging {
+        filter: text.clone(),
+        file: file.clone(),
+        json: matches!(global.log_format, LogFormat::Json),
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false);
