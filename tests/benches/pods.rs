@@ -83,12 +83,12 @@ fn shim_memory(h: &CriHarness, pod: &Pod) -> Option<u64> {
     Some(total)
 }
 
-/// RunPodSandbox + CreateContainer + StartContainer of one husk pod named `name`, then its
-/// removal; returns the start latency.
-fn husk_pod_start(h: &CriHarness, name: &str) -> Duration {
+/// RunPodSandbox + CreateContainer + StartContainer of one `sleep` pod named `name`;
+/// returns the pod and the start latency.
+fn start_pod(h: &CriHarness, name: &str, handler: &str) -> (Pod, Duration) {
     let t = Instant::now();
     let pod = h
-        .run_pod(name, HUSK_HANDLER)
+        .run_pod(name, handler)
         .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:#}\n{}", h.log_tail(40)));
     let id = h
         .create_container(&pod, "sleeper", &["sleep", "100000"])
@@ -96,11 +96,23 @@ fn husk_pod_start(h: &CriHarness, name: &str) -> Duration {
     h.cri()
         .start_container(&id)
         .unwrap_or_else(|e| panic!("StartContainer in {name}: {e:#}\n{}", h.log_tail(40)));
-    let elapsed = t.elapsed();
+    (pod, t.elapsed())
+}
+
+/// StopPodSandbox + RemovePodSandbox of `pod`; returns how long that took.
+fn remove_pod(h: &CriHarness, pod: &Pod, name: &str) -> Duration {
+    let t = Instant::now();
     h.cri()
         .stop_pod_sandbox(&pod.id)
         .and_then(|()| h.cri().remove_pod_sandbox(&pod.id))
         .unwrap_or_else(|e| panic!("removing {name}: {e:#}\n{}", h.log_tail(40)));
+    t.elapsed()
+}
+
+/// A husk pod's start latency (the pod is removed afterwards).
+fn husk_pod_start(h: &CriHarness, name: &str) -> Duration {
+    let (pod, elapsed) = start_pod(h, name, HUSK_HANDLER);
+    remove_pod(h, &pod, name);
     elapsed
 }
 
@@ -141,17 +153,7 @@ fn start_pods(h: &CriHarness, handler: &str, pods: u64, measure_memory: bool) ->
     let mut idle_cpu: Vec<f64> = Vec::new();
     for i in 0..pods {
         let name = format!("{handler}-{i}");
-        let t = Instant::now();
-        let pod = h
-            .run_pod(&name, handler)
-            .unwrap_or_else(|e| panic!("RunPodSandbox {name}: {e:#}\n{}", h.log_tail(40)));
-        let id = h
-            .create_container(&pod, "sleeper", &["sleep", "100000"])
-            .unwrap_or_else(|e| panic!("CreateContainer in {name}: {e:#}\n{}", h.log_tail(40)));
-        h.cri()
-            .start_container(&id)
-            .unwrap_or_else(|e| panic!("StartContainer in {name}: {e:#}\n{}", h.log_tail(40)));
-        let elapsed = t.elapsed();
+        let (pod, elapsed) = start_pod(h, &name, handler);
         println!(
             "  {name}: pod + container running after {:.1} ms",
             ms(elapsed)
@@ -167,12 +169,7 @@ fn start_pods(h: &CriHarness, handler: &str, pods: u64, measure_memory: bool) ->
                 idle_cpu.push(cpu);
             }
         }
-        let t = Instant::now();
-        h.cri()
-            .stop_pod_sandbox(&pod.id)
-            .and_then(|()| h.cri().remove_pod_sandbox(&pod.id))
-            .unwrap_or_else(|e| panic!("removing {name}: {e:#}\n{}", h.log_tail(40)));
-        teardown.push(t.elapsed());
+        teardown.push(remove_pod(h, &pod, &name));
     }
     let s = Stats::of(times).expect("at least one pod");
     println!(
