@@ -130,11 +130,6 @@ pub struct TemplateInputs {
 /// The `net` slot of a pod VM's NIC.
 pub const NET_SLOT: &str = "net";
 
-/// The `blk` slot of a container's rootfs image (read-only, by its serial).
-pub fn rootfs_block_slot() -> String {
-    format!("blk:{},ro", crate::vm_config::ROOTFS_SERIAL)
-}
-
 /// The device slots a container's VM needs, in slot order (block, share, NIC). In block mode the rootfs is a `blk` slot, empty in the
 /// template, and the share exists only for host binds; a pod VM (`has_nic`) has its NIC
 /// last.
@@ -143,7 +138,8 @@ pub fn slots_for(mode: RootfsMode, has_binds: bool, share_tag: &str, has_nic: bo
     match mode {
         RootfsMode::Virtiofs => slots.push(format!("fs:{share_tag}")),
         RootfsMode::Block => {
-            slots.push(rootfs_block_slot());
+            // The rootfs image, read-only, found by its serial.
+            slots.push(format!("blk:{},ro", crate::vm_config::ROOTFS_SERIAL));
             if has_binds {
                 slots.push(format!("fs:{share_tag}"));
             }

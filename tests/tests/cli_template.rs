@@ -27,6 +27,22 @@ fn create_template(husk: &Husk) -> (String, Vec<Value>) {
     (key, listed)
 }
 
+/// A busybox bundle `name` whose process runs `sh -c script`, with a `/whoami` file only
+/// it has (`bundle NAME`).
+fn whoami_bundle(husk: &Husk, name: &str, script: &str) -> Bundle {
+    let b = Bundle::busybox(husk.dir(), name, &spec(&["sh", "-c", script], true)).unwrap();
+    std::fs::write(b.dir.join("rootfs/whoami"), format!("bundle {name}\n")).unwrap();
+    b
+}
+
+/// The monitor's log says its VM was restored from template `key`, not booted.
+fn assert_restored_from(log_text: &str, key: &str) {
+    assert!(
+        log_text.contains("VM restored from its template") && log_text.contains(key),
+        "the VM was restored, not booted: {log_text}"
+    );
+}
+
 /// `husk --log LOG run` of a bundle; returns stdout and the log, after checking success.
 fn run_logged(husk: &Husk, b: &Bundle, id: &str) -> (String, String) {
     let log = husk.dir().join(format!("{id}.log"));
@@ -103,20 +119,11 @@ fn run_restores_a_template_into_unique_containers_on_their_own_share() {
     let mut uuids = Vec::new();
     for n in 0..2 {
         let name = format!("b{n}");
-        let b = Bundle::busybox(
-            husk.dir(),
+        let b = whoami_bundle(
+            &husk,
             &name,
-            &spec(
-                &[
-                    "sh",
-                    "-c",
-                    "cat /whoami; cat /proc/sys/kernel/random/uuid; echo written > /from-guest",
-                ],
-                true,
-            ),
-        )
-        .unwrap();
-        std::fs::write(b.dir.join("rootfs/whoami"), format!("bundle {name}\n")).unwrap();
+            "cat /whoami; cat /proc/sys/kernel/random/uuid; echo written > /from-guest",
+        );
         let (out, log_text) = run_logged(&husk, &b, &format!("t{n}"));
         let mut lines = out.lines();
         assert_eq!(
@@ -125,10 +132,7 @@ fn run_restores_a_template_into_unique_containers_on_their_own_share() {
             "{out}"
         );
         uuids.push(lines.next().unwrap_or_default().to_owned());
-        assert!(
-            log_text.contains("VM restored from its template") && log_text.contains(&key),
-            "the VM was restored, not booted: {log_text}"
-        );
+        assert_restored_from(&log_text, &key);
         assert_eq!(
             std::fs::read_to_string(b.dir.join("rootfs/from-guest")).unwrap_or_default(),
             "written\n",
@@ -201,20 +205,11 @@ fn run_restores_a_block_template_with_each_containers_image_in_its_disk_slot() {
     let mut uuids = Vec::new();
     for n in 0..2usize {
         let name = format!("k{n}");
-        let b = Bundle::busybox(
-            husk.dir(),
+        let b = whoami_bundle(
+            &husk,
             &name,
-            &spec(
-                &[
-                    "sh",
-                    "-c",
-                    "cat /whoami; wc -c < /filler; cat /proc/sys/kernel/random/uuid",
-                ],
-                true,
-            ),
-        )
-        .unwrap();
-        std::fs::write(b.dir.join("rootfs/whoami"), format!("bundle {name}\n")).unwrap();
+            "cat /whoami; wc -c < /filler; cat /proc/sys/kernel/random/uuid",
+        );
         let filler = vec![b'f'; (1 + 3 * n) << 20];
         std::fs::write(b.dir.join("rootfs/filler"), &filler).unwrap();
         let (out, log_text) = run_logged(&husk, &b, &format!("k{n}"));
@@ -230,10 +225,7 @@ fn run_restores_a_block_template_with_each_containers_image_in_its_disk_slot() {
             "{out}"
         );
         uuids.push(lines.next().unwrap_or_default().to_owned());
-        assert!(
-            log_text.contains("VM restored from its template") && log_text.contains(&key),
-            "the VM was restored, not booted: {log_text}"
-        );
+        assert_restored_from(&log_text, &key);
         // The VMM process logs into the monitor's log at its level, not into the
         // container's stderr.
         assert!(
