@@ -11,6 +11,8 @@ pub mod config;
 pub mod console;
 pub mod exit;
 pub mod features;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod hooks;
 pub mod host_cgroup;
 pub mod id;

@@ -1,5 +1,6 @@
 //! Fuzzing harnesses for the guest-facing parsers (virtio-mmio registers, virtio-blk
-//! requests, vsock packets, virtio-net frames, virtio-rng requests).
+//! requests, vsock packets, virtio-net frames, virtio-rng requests) and for what a restore
+//! reads from a snapshot ([`snapshot`]).
 //!
 //! Each harness takes the fuzzer's bytes, lays out what a hostile guest driver controls
 //! (descriptor tables, rings, buffers, register writes) in a small guest memory, and runs
@@ -80,6 +81,7 @@ pub const TARGETS: &[(&str, Harness)] = &[
     ("vsock", vsock),
     ("net", net),
     ("rng", rng),
+    ("snapshot", snapshot),
 ];
 
 // ---- input decoding ------------------------------------------------------------------
@@ -118,6 +120,10 @@ impl<'a> Input<'a> {
 
     fn u32(&mut self) -> u32 {
         u32::from_le_bytes(self.array())
+    }
+
+    fn u64(&mut self) -> u64 {
+        u64::from_le_bytes(self.array())
     }
 
     fn is_empty(&self) -> bool {
@@ -576,16 +582,32 @@ fn mmio_device(kind: u8) -> (Box<dyn VirtioDevice>, Backing) {
 pub fn mmio(data: &[u8]) {
     let mut input = Input::new(data);
     let (dev, backing) = mmio_device(input.u8());
-    let nops = usize::from(input.u8()).min(MAX_OPS);
-    let mut ops = Vec::with_capacity(nops);
-    for _ in 0..nops {
-        ops.push((input.u8(), input.u16(), input.u32()));
-    }
+    let ops = read_ops(&mut input);
     let mem = guest_memory();
     let image = input.bytes(MEM_SIZE);
     let _ = mem.write_slice(image, GuestAddress(0));
 
     let mut t = MmioTransport::new(mem, dev, interrupt());
+    run_accesses(&mut t, ops);
+    drop(t);
+    drop(backing);
+}
+
+/// A register access: `(kind, offset, value)` as [`mmio`] describes them.
+type Access = (u8, u16, u32);
+
+/// `nops: u8` register accesses (at most [`MAX_OPS`]).
+fn read_ops(input: &mut Input<'_>) -> Vec<Access> {
+    let nops = usize::from(input.u8()).min(MAX_OPS);
+    (0..nops)
+        .map(|_| (input.u8(), input.u16(), input.u32()))
+        .collect()
+}
+
+/// Runs `ops` on `t`, then a reset, which must stop the device's worker. Panics if an
+/// access blocks the (simulated) vCPU for [`HANG`] or the final reset of an active device
+/// fails.
+fn run_accesses(t: &mut MmioTransport, ops: Vec<Access>) {
     // The final access resets the device, which stops its worker.
     let reset = (1 | (2 << 1), 0x70, 0);
     let mut was_active = false;
@@ -615,9 +637,12 @@ pub fn mmio(data: &[u8]) {
         "reset of an active device failed (worker panicked or hung): status {:#x}",
         t.status()
     );
-    drop(t);
-    drop(backing);
 }
+
+// ---- snapshot ------------------------------------------------------------------------
+
+mod snapshot;
+pub use snapshot::{MEMORY_FILE_PAGES, snapshot};
 
 // ---- writing inputs ------------------------------------------------------------------
 
@@ -767,6 +792,7 @@ pub fn seeds() -> Vec<(&'static str, &'static str, Vec<u8>)> {
     net_seeds(&mut out);
     vsock_seeds(&mut out);
     mmio_seeds(&mut out);
+    snapshot::seeds(&mut out);
     out
 }
 

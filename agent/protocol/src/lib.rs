@@ -48,6 +48,8 @@ pub mod agent_ttrpc {
 }
 
 pub mod client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod reply_bound;
 pub mod stdio;
 pub mod steps;

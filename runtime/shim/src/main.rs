@@ -22,12 +22,13 @@ mod rootfs;
 mod sandbox;
 mod service;
 mod share;
-mod stats;
 mod stdio;
 mod template;
 mod vm;
 
 use std::process::ExitCode;
+
+use husk_shim::stats;
 
 /// The runtime name containerd knows this shim by.
 pub const RUNTIME_NAME: &str = "io.containerd.husk.v2";
