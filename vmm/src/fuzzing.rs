@@ -644,6 +644,8 @@ fn run_accesses(t: &mut MmioTransport, ops: Vec<Access>) {
 mod snapshot;
 pub use snapshot::{MEMORY_FILE_PAGES, snapshot};
 
+pub mod corpus;
+
 // ---- writing inputs ------------------------------------------------------------------
 
 /// A guest buffer: `(addr, len, device-writable)`.

@@ -15,7 +15,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use husk_vmm::fuzzing::{Harness, TARGETS, seeds};
+use husk_vmm::fuzzing::{Harness, TARGETS, corpus, seeds};
 
 /// Panics seen anywhere in the process, device worker threads included (a worker's panic
 /// does not reach the harness: the device only sees its worker return nothing).
@@ -46,34 +46,6 @@ fn harness(target: &str) -> Harness {
         .unwrap_or_else(|| panic!("no harness for fuzz directory {target:?}"))
 }
 
-/// Every file under `<fuzz>/<kind>/<target>/`, as (target, path).
-fn inputs(kind: &str) -> Vec<(String, PathBuf)> {
-    let root = fuzz_dir().join(kind);
-    let mut out = Vec::new();
-    let Ok(dirs) = std::fs::read_dir(&root) else {
-        return out;
-    };
-    for dir in dirs {
-        let dir = dir.expect("read_dir").path();
-        if !dir.is_dir() {
-            continue;
-        }
-        let target = dir
-            .file_name()
-            .and_then(|n| n.to_str())
-            .expect("UTF-8 target directory")
-            .to_string();
-        for f in std::fs::read_dir(&dir).expect("read_dir") {
-            let f = f.expect("read_dir").path();
-            if f.is_file() {
-                out.push((target.clone(), f));
-            }
-        }
-    }
-    out.sort();
-    out
-}
-
 /// Runs one input through its harness; `Err` says how it failed (a panic anywhere, device
 /// worker threads included, or a slow run).
 fn run_one(target: &str, path: &Path) -> Result<(), String> {
@@ -96,17 +68,7 @@ fn run_one(target: &str, path: &Path) -> Result<(), String> {
 fn replay(kind: &str, min_inputs: usize) {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     count_panics();
-    let all = inputs(kind);
-    assert!(
-        all.len() >= min_inputs,
-        "{kind}: {} inputs, expected at least {min_inputs}",
-        all.len()
-    );
-    let failures: Vec<String> = all
-        .iter()
-        .filter_map(|(target, path)| run_one(target, path).err())
-        .collect();
-    assert!(failures.is_empty(), "{}", failures.join("\n"));
+    corpus::replay(&fuzz_dir(), kind, min_inputs, run_one);
 }
 
 #[test]
@@ -124,7 +86,7 @@ fn regression_inputs_replay_cleanly() {
 fn known_bugs_still_reproduce() {
     let _guard = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     count_panics();
-    let fixed: Vec<String> = inputs("known-bugs")
+    let fixed: Vec<String> = corpus::inputs(&fuzz_dir(), "known-bugs")
         .iter()
         .filter(|(target, path)| run_one(target, path).is_ok())
         .map(|(_, path)| format!("{} passes now: move it to regressions/", path.display()))
@@ -135,30 +97,13 @@ fn known_bugs_still_reproduce() {
 /// Each target has seeds, and the committed seeds are the generated ones.
 #[test]
 fn seed_corpus_is_up_to_date() {
-    for (target, _) in TARGETS {
-        let dir = fuzz_dir().join("corpus").join(target);
-        assert!(dir.is_dir(), "{} missing", dir.display());
-    }
-    for (target, name, bytes) in seeds() {
-        let path = fuzz_dir().join("corpus").join(target).join(name);
-        let on_disk = std::fs::read(&path)
-            .unwrap_or_else(|e| panic!("{}: {e} (run write_seed_corpus)", path.display()));
-        assert_eq!(
-            on_disk,
-            bytes,
-            "{} differs from fuzzing::seeds() (run write_seed_corpus)",
-            path.display()
-        );
-    }
+    let targets: Vec<&str> = TARGETS.iter().map(|(name, _)| *name).collect();
+    corpus::check_seeds(&fuzz_dir(), &targets, &seeds());
 }
 
 /// Writes `fuzzing::seeds()` to `vmm/fuzz/corpus/`.
 #[test]
 #[ignore = "rewrites the committed seed corpus"]
 fn write_seed_corpus() {
-    for (target, name, bytes) in seeds() {
-        let dir = fuzz_dir().join("corpus").join(target);
-        std::fs::create_dir_all(&dir).expect("corpus dir");
-        std::fs::write(dir.join(name), bytes).expect("write seed");
-    }
+    corpus::write_seeds(&fuzz_dir(), &seeds());
 }

@@ -228,7 +228,8 @@ pub(super) fn seeds(out: &mut super::Seeds) {
     );
     let state = MachineState {
         husk_version: env!("CARGO_PKG_VERSION").into(),
-        vmm_build: crate::BUILD_ID.into(),
+        // Not BUILD_ID: the committed seed must not change with every build.
+        vmm_build: "seed".into(),
         cpu_template: "pvm".into(),
         memory_mib: 128,
         vcpus: Vec::new(),
