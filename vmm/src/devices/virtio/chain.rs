@@ -17,7 +17,9 @@ pub fn pop<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemory,
 ) -> Option<DescriptorChain<&'m GuestMemory>> {
-    loop {
+    // Bounded like a handler's pass (`worker::pass_budget`): refused chains are returned as
+    // used, and a driver whose rings overlap can make each of those a new available one.
+    for _ in 0..queue.size().max(1) {
         let chain = queue.pop_descriptor_chain(mem)?;
         let head = chain.head_index();
         if !uses_indirect(mem, queue.desc_table(), queue.size(), head) {
@@ -30,6 +32,7 @@ pub fn pop<'m>(
             guest_warn!("virtio: cannot return a refused chain: {e}");
         }
     }
+    None
 }
 
 /// Whether the chain at `head` of the descriptor table at `table` (of `size` entries) has a

@@ -17,7 +17,9 @@ use super::mac::MacAddr;
 use super::tap::{Tap, TapError};
 use crate::devices::virtio::block::read_config_bytes;
 use crate::devices::virtio::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use crate::devices::virtio::worker::{Worker, drain_queue, notify_guest, rearm, setup_epoll};
+use crate::devices::virtio::worker::{
+    Worker, drain_and_notify, notify_guest, rearm, setup_epoll, wait_timeout,
+};
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, GuestMemory, Interrupt, VirtioDevice, device_type,
 };
@@ -209,11 +211,11 @@ impl NetWorker {
             return self;
         }
         // The driver may have queued frames and buffers before DRIVER_OK.
-        self.process_tx();
+        let mut tx_pending = self.process_tx();
         self.process_rx();
         let mut events = [EpollEvent::default(); 8];
         loop {
-            let n = match epoll.wait(-1, &mut events) {
+            let n = match epoll.wait(wait_timeout(tx_pending, -1), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -232,10 +234,13 @@ impl NetWorker {
                     }
                     t if t == TXQ as u64 => {
                         let _ = notify[TXQ].read();
-                        self.process_tx();
+                        tx_pending = true;
                     }
                     _ => {}
                 }
+            }
+            if tx_pending {
+                tx_pending = self.process_tx();
             }
             if rx {
                 self.process_rx();
@@ -243,14 +248,13 @@ impl NetWorker {
         }
     }
 
-    fn process_tx(&mut self) {
+    /// Sends what the driver queued; returns whether frames are left for another pass.
+    fn process_tx(&mut self) -> bool {
         let backend = &mut self.backend;
         let txq = &mut self.queues[TXQ];
-        if drain_queue(&self.mem, txq, &self.interrupt, |m, q| {
+        drain_and_notify(&self.mem, txq, &self.interrupt, |m, q| {
             backend.process_tx(m, q)
-        }) {
-            notify_guest(&self.mem, txq, &self.interrupt);
-        }
+        })
     }
 
     fn process_rx(&mut self) {

@@ -16,7 +16,9 @@ use super::VsockError;
 use super::muxer::Muxer;
 use crate::devices::virtio::block::read_config_bytes;
 use crate::devices::virtio::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use crate::devices::virtio::worker::{Worker, drain_queue, notify_guest, rearm, setup_epoll};
+use crate::devices::virtio::worker::{
+    Worker, drain_and_notify, notify_guest, rearm, setup_epoll, wait_timeout,
+};
 use crate::devices::virtio::{
     ActivateError, ActiveQueue, GuestMemory, Interrupt, VirtioDevice, device_type,
 };
@@ -207,7 +209,7 @@ impl VsockWorker {
             self.send_transport_reset();
         }
         // The driver fills the RX queue right after DRIVER_OK, possibly before we listen.
-        self.process_tx();
+        let mut tx_pending = self.process_tx();
         self.process_rx();
         let mut events = [EpollEvent::default(); 8];
         loop {
@@ -243,7 +245,7 @@ impl VsockWorker {
             } else {
                 -1
             };
-            let n = match epoll.wait(timeout, &mut events) {
+            let n = match epoll.wait(wait_timeout(tx_pending, timeout), &mut events) {
                 Ok(n) => n,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
@@ -258,7 +260,7 @@ impl VsockWorker {
                     t @ (0..=2) => {
                         let _ = notify[t as usize].read();
                         if t as usize == TXQ {
-                            self.process_tx();
+                            tx_pending = true;
                         }
                         // RX kicks mean fresh buffers; event-queue buffers are only used
                         // for the transport reset after a restore.
@@ -273,6 +275,9 @@ impl VsockWorker {
                     }
                     _ => {}
                 }
+            }
+            if tx_pending {
+                tx_pending = self.process_tx();
             }
             if self.reset_sent && self.event_queue_refilled() {
                 self.reset_sent = false;
@@ -338,14 +343,13 @@ impl VsockWorker {
         self.transport_reset || self.reset_sent
     }
 
-    fn process_tx(&mut self) {
+    /// Takes the packets the driver queued; returns whether some are left for another pass.
+    fn process_tx(&mut self) -> bool {
         let muxer = &mut self.muxer;
         let txq = &mut self.queues[TXQ];
-        if drain_queue(&self.mem, txq, &self.interrupt, |m, q| {
+        drain_and_notify(&self.mem, txq, &self.interrupt, |m, q| {
             muxer.process_tx(m, q)
-        }) {
-            notify_guest(&self.mem, txq, &self.interrupt);
-        }
+        })
     }
 
     fn process_rx(&mut self) {

@@ -480,7 +480,10 @@ impl Muxer {
     /// Consumes the TX queue. Returns whether used entries were added.
     pub fn process_tx(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        while let Some(mut chain) = crate::devices::virtio::chain::pop(queue, mem) {
+        for _ in 0..crate::devices::virtio::worker::pass_budget(queue) {
+            let Some(mut chain) = crate::devices::virtio::chain::pop(queue, mem) else {
+                break;
+            };
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_TX_PAYLOAD) {
                 Ok(pkt) => {
