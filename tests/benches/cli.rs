@@ -4,7 +4,7 @@
 //!   default virtio-fs rootfs mode and in the read-only block image mode, next to
 //!   `runc run` of the same bundle, with the ratio;
 //! - host memory per running container (`husk run -d` of `sleep`): resident memory of the
-//!   monitor (which runs the VMM in-process) and virtiofsd, excluding guest RAM (the
+//!   monitor, its jailed VMM process and virtiofsd, excluding guest RAM (the
 //!   mapping named `husk-guest-ram`, see vmm/src/memory.rs).
 //!
 //! `cargo bench -p husk-tests --bench cli`. Knobs: `HUSK_BENCH_RUNS` (default 3),
@@ -84,9 +84,9 @@ fn memory_per_container(husk: &Husk, mode: &str) {
     }
     let total = proc_stats::memory_excluding_guest_ram(&pids, ram_bytes, &format!("{mode}: "));
     let parts = if state["virtiofsd"]["pid"].is_u64() {
-        "monitor with in-process VMM + virtiofsd"
+        "monitor + jailed VMM + virtiofsd"
     } else {
-        "monitor with in-process VMM"
+        "monitor + jailed VMM"
     };
     println!(
         "host memory per running container ({mode}): {:.1} MiB RSS excluding guest RAM \

@@ -3,7 +3,7 @@
 //!   container, p50/min/max over `HUSK_BENCH_PODS` pods (default 3) started one after the
 //!   other, with the `husk` handler and with `runc` for comparison, and the ratio;
 //! - host memory per husk pod: resident memory of the pod's shim process
-//!   (containerd-shim-husk-v2, which runs the VMM in-process) and its children (virtiofsd),
+//!   (containerd-shim-husk-v2) and its children (the jailed VMM process, virtiofsd),
 //!   excluding guest RAM (the mappings named `husk-guest-ram`, see vmm/src/memory.rs);
 //! - host CPU per idle husk pod: CPU time of that process tree over 10 s while the
 //!   container sleeps, in percent of one core.
@@ -200,7 +200,7 @@ fn start_pods(h: &CriHarness, handler: &str, pods: u64, measure_memory: bool) ->
         memory.sort();
         println!(
             "host memory per running husk pod: {:.1} MiB RSS excluding guest RAM, median of {} \
-             (shim with in-process VMM{})",
+             (shim + jailed VMM{})",
             memory[memory.len() / 2] as f64 / 1024.0,
             memory.len(),
             if find_virtiofsd().is_some() {
