@@ -12,7 +12,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend};
 
 use super::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use super::worker::{QueueHandler, Worker, pass_budget, run_single_queue};
+use super::worker::{QueueHandler, Worker, run_single_queue};
 use super::{ActivateError, ActiveQueue, GuestMemory, Interrupt, VirtioDevice, device_type};
 
 pub const SECTOR_SIZE: u64 = 512;
@@ -220,12 +220,10 @@ impl BlockBackend {
 impl QueueHandler for BlockBackend {
     fn process(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        for _ in 0..pass_budget(queue) {
-            let Some(chain) = crate::devices::virtio::chain::pop(queue, mem) else {
-                break;
-            };
+        let mut pass = crate::devices::virtio::chain::Pass::new(queue);
+        while let Some(chain) = pass.pop(queue, mem) {
             let head = chain.head_index();
-            // The chain iterator stops after `queue size` descriptors (`chain::pop` refuses
+            // The chain iterator stops after `queue size` descriptors (`chain::Pass::pop` refuses
             // indirect tables, which would allow 65,535), bounding this.
             let descs: Vec<Descriptor> = chain.collect();
             let len = self.handle_chain(mem, &descs);

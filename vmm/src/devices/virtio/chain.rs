@@ -12,27 +12,53 @@ use vm_memory::{Bytes, GuestAddress};
 use super::GuestMemory;
 use super::guest_log::guest_warn;
 
-/// The next chain of `queue` that uses no indirect descriptor (see the module doc).
+/// One pass over a queue: chains taken off it, refused ones included, at most the queue's
+/// size. A driver never has more buffers outstanding than that; more in one pass means the
+/// device's own writes make new available entries (a used ring laid over the available
+/// ring, a device-written buffer over its index), which would feed the device forever. When
+/// a pass ends, the worker checks for a stop before the next (`worker::drain_queue`).
+pub struct Pass {
+    left: u16,
+}
+
+impl Pass {
+    pub fn new(queue: &Queue) -> Self {
+        Self {
+            left: queue.size().max(1),
+        }
+    }
+
+    /// The next chain of `queue` that uses no indirect descriptor (see the module doc), or
+    /// `None` when the queue is empty or the pass is over.
+    pub fn pop<'m>(
+        &mut self,
+        queue: &mut Queue,
+        mem: &'m GuestMemory,
+    ) -> Option<DescriptorChain<&'m GuestMemory>> {
+        while self.left > 0 {
+            self.left -= 1;
+            let chain = queue.pop_descriptor_chain(mem)?;
+            let head = chain.head_index();
+            if !uses_indirect(mem, queue.desc_table(), queue.size(), head) {
+                return Some(chain);
+            }
+            guest_warn!(
+                "virtio: a descriptor chain (head {head}) uses an indirect descriptor, which was not negotiated: returned unused"
+            );
+            if let Err(e) = queue.add_used(mem, head, 0) {
+                guest_warn!("virtio: cannot return a refused chain: {e}");
+            }
+        }
+        None
+    }
+}
+
+/// The next chain of `queue` that uses no indirect descriptor, in a pass of its own.
 pub fn pop<'m>(
     queue: &mut Queue,
     mem: &'m GuestMemory,
 ) -> Option<DescriptorChain<&'m GuestMemory>> {
-    // Bounded like a handler's pass (`worker::pass_budget`): refused chains are returned as
-    // used, and a driver whose rings overlap can make each of those a new available one.
-    for _ in 0..queue.size().max(1) {
-        let chain = queue.pop_descriptor_chain(mem)?;
-        let head = chain.head_index();
-        if !uses_indirect(mem, queue.desc_table(), queue.size(), head) {
-            return Some(chain);
-        }
-        guest_warn!(
-            "virtio: a descriptor chain (head {head}) uses an indirect descriptor, which was not negotiated: returned unused"
-        );
-        if let Err(e) = queue.add_used(mem, head, 0) {
-            guest_warn!("virtio: cannot return a refused chain: {e}");
-        }
-    }
-    None
+    Pass::new(queue).pop(queue, mem)
 }
 
 /// Whether the chain at `head` of the descriptor table at `table` (of `size` entries) has a

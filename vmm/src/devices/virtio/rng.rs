@@ -8,7 +8,7 @@ use virtio_queue::{Queue, QueueT};
 use vm_memory::{Address, Bytes};
 
 use super::mmio::{VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX};
-use super::worker::{QueueHandler, Worker, pass_budget, run_single_queue};
+use super::worker::{QueueHandler, Worker, run_single_queue};
 use super::{ActivateError, ActiveQueue, GuestMemory, Interrupt, VirtioDevice, device_type};
 
 const QUEUE_SIZE: u16 = 64;
@@ -73,10 +73,8 @@ impl RngBackend {
 impl QueueHandler for RngBackend {
     fn process(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        for _ in 0..pass_budget(queue) {
-            let Some(chain) = crate::devices::virtio::chain::pop(queue, mem) else {
-                break;
-            };
+        let mut pass = crate::devices::virtio::chain::Pass::new(queue);
+        while let Some(chain) = pass.pop(queue, mem) {
             let head = chain.head_index();
             let len = Self::fill(mem, chain);
             if let Err(e) = queue.add_used(mem, head, len) {

@@ -139,15 +139,6 @@ pub(crate) fn rearm(mem: &GuestMemory, queue: &mut Queue, interrupt: &Interrupt)
     }
 }
 
-/// Chains a handler takes from a queue in one call. A driver never has more buffers
-/// outstanding than the queue holds; finding more in one pass means the device's own writes
-/// make new available entries (a used ring placed over the available ring, a device-written
-/// buffer over its index), which would feed the device forever. A bounded pass lets the
-/// worker see a stop request between passes.
-pub(crate) fn pass_budget(queue: &Queue) -> usize {
-    usize::from(queue.size().max(1))
-}
-
 /// Process-and-re-arm rounds one [`drain_queue`] call makes before it returns with work
 /// left, so that a worker checks for a stop at least this often.
 const MAX_DRAIN_ROUNDS: usize = 8;

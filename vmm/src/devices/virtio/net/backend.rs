@@ -153,10 +153,8 @@ impl NetBackend {
     /// Sends every frame the guest queued; returns whether used entries were added.
     pub(crate) fn process_tx(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        for _ in 0..crate::devices::virtio::worker::pass_budget(queue) {
-            let Some(chain) = crate::devices::virtio::chain::pop(queue, mem) else {
-                break;
-            };
+        let mut pass = crate::devices::virtio::chain::Pass::new(queue);
+        while let Some(chain) = pass.pop(queue, mem) {
             let head = chain.head_index();
             match self.read_tx_chain(mem, chain) {
                 Ok(len) => self.send(len),

@@ -480,10 +480,8 @@ impl Muxer {
     /// Consumes the TX queue. Returns whether used entries were added.
     pub fn process_tx(&mut self, mem: &GuestMemory, queue: &mut Queue) -> bool {
         let mut used = false;
-        for _ in 0..crate::devices::virtio::worker::pass_budget(queue) {
-            let Some(mut chain) = crate::devices::virtio::chain::pop(queue, mem) else {
-                break;
-            };
+        let mut pass = crate::devices::virtio::chain::Pass::new(queue);
+        while let Some(mut chain) = pass.pop(queue, mem) {
             let head = chain.head_index();
             match VsockPacket::from_tx_virtq_chain(mem, &mut chain, MAX_TX_PAYLOAD) {
                 Ok(pkt) => {
