@@ -197,11 +197,7 @@ fn framed_response(code: u8, payload: &[u8]) -> Vec<u8> {
         resp.payload = payload.to_vec();
     }
     let body = resp.write_to_bytes().expect("encoding a response");
-    let mut frame = Vec::with_capacity(10 + body.len());
-    frame.extend_from_slice(&(body.len() as u32).to_be_bytes());
-    frame.extend_from_slice(&1u32.to_be_bytes());
-    frame.push(ttrpc::proto::MESSAGE_TYPE_RESPONSE);
-    frame.push(0);
+    let mut frame = Vec::from(ttrpc::MessageHeader::new_response(1, body.len() as u32));
     frame.extend_from_slice(&body);
     frame
 }
@@ -234,11 +230,11 @@ fn play_peer(listener: UnixListener, handshake: Option<Vec<u8>>, attach: bool, r
             return;
         }
     } else {
-        let mut header = [0u8; 10];
+        let mut header = [0u8; ttrpc::proto::MESSAGE_HEADER_LENGTH];
         if reader.read_exact(&mut header).is_err() {
             return;
         }
-        let len = u32::from_be_bytes([header[0], header[1], header[2], header[3]]);
+        let len = ttrpc::MessageHeader::from(header).length;
         let mut body = vec![0u8; len.min(1 << 20) as usize];
         if reader.read_exact(&mut body).is_err() {
             return;

@@ -23,7 +23,9 @@ use std::sync::OnceLock;
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::{Input, MEM_SIZE, eventfd, guest_memory, interrupt, mmio_device, run_accesses};
+use super::{
+    Input, MEM_SIZE, eventfd, guest_memory, interrupt, mmio_device, read_ops, run_accesses,
+};
 use crate::devices::serial::SerialDevice;
 use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -55,7 +57,7 @@ pub fn snapshot(data: &[u8]) {
         _ => {
             let (dev, backing) = mmio_device(input.u8());
             let state = read_transport(&mut input, dev.as_ref());
-            let ops = super::read_ops(&mut input);
+            let ops = read_ops(&mut input);
             let mem = guest_memory();
             let _ = mem.write_slice(input.bytes(MEM_SIZE), GuestAddress(0));
             if let Ok(mut t) = MmioTransport::restore(mem, dev, interrupt(), None, &state) {
@@ -331,10 +333,6 @@ mod tests {
             .expect("seed transport restores");
         t.start_restored().expect("restored rng starts");
         assert!(t.is_activated());
-        run_accesses(&mut t, read_super_ops(&mut input));
-    }
-
-    fn read_super_ops(input: &mut Input<'_>) -> Vec<super::super::Access> {
-        super::super::read_ops(input)
+        run_accesses(&mut t, read_ops(&mut input));
     }
 }
