@@ -27,16 +27,16 @@ use super::{
     Input, MEM_SIZE, eventfd, guest_memory, interrupt, mmio_device, read_ops, run_accesses,
 };
 use crate::devices::serial::SerialDevice;
-use crate::devices::virtio::VirtioDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::persist::{QueueState, TransportState};
+use crate::devices::virtio::{GuestMemory, VirtioDevice};
 use crate::persist::memory::{self, MemoryRegionState};
 use crate::persist::vm_state::VmState;
 use crate::persist::{FORMAT_VERSION, MachineState, file};
 
 /// Pages of the memory file the layout forms map.
 pub const MEMORY_FILE_PAGES: u64 = 16;
-const PAGE: u64 = 4096;
+const PAGE: u64 = memory::PAGE as u64;
 /// Regions a layout may list.
 const MAX_REGIONS: usize = 8;
 
@@ -60,10 +60,7 @@ pub fn snapshot(data: &[u8]) {
             let ops = read_ops(&mut input);
             let mem = guest_memory();
             let _ = mem.write_slice(input.bytes(MEM_SIZE), GuestAddress(0));
-            if let Ok(mut t) = MmioTransport::restore(mem, dev, interrupt(), None, &state) {
-                let _ = t.start_restored();
-                run_accesses(&mut t, ops);
-            }
+            run_restored(mem, dev, &state, ops);
             drop(backing);
         }
     }
@@ -86,11 +83,22 @@ fn state_payload(payload: &[u8]) {
     }
     for (i, saved) in state.devices.iter().take(4).enumerate() {
         let (dev, backing) = mmio_device(i as u8);
-        if let Ok(mut t) = MmioTransport::restore(guest_memory(), dev, interrupt(), None, saved) {
-            let _ = t.start_restored();
-            run_accesses(&mut t, Vec::new());
-        }
+        run_restored(guest_memory(), dev, saved, Vec::new());
         drop(backing);
+    }
+}
+
+/// Restores `dev` from `state` as a restore does (refusals are fine), starts it on its
+/// saved queues and runs `ops` and the final reset on it.
+fn run_restored(
+    mem: GuestMemory,
+    dev: Box<dyn VirtioDevice>,
+    state: &TransportState,
+    ops: Vec<super::Access>,
+) {
+    if let Ok(mut t) = MmioTransport::restore(mem, dev, interrupt(), None, state) {
+        let _ = t.start_restored();
+        run_accesses(&mut t, ops);
     }
 }
 

@@ -12,7 +12,8 @@ use vm_memory::{FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryRegion,
 
 use crate::memory::GuestMemory;
 
-const PAGE: usize = 4096;
+/// The memory file's granularity: region lengths are whole pages.
+pub(crate) const PAGE: usize = 4096;
 
 /// Where each RAM region sits in guest-physical space and in the memory file.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
