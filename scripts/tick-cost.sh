@@ -54,7 +54,7 @@ ln -s busybox "$bundle/rootfs/bin/sh"
 sed -i -e 's/"terminal": true/"terminal": false/' \
   -e 's|^\( *\)"sh"$|\1"sh", "-c", "while :; do :; done"|' "$bundle/config.json"
 
-printf '%-44s %4s %12s %14s %14s\n' kernel HZ "interrupts/s" "emulated/s" "per interrupt"
+header_done=
 for vmlinux in "$@"; do
   dir=$(dirname "$vmlinux")
   [[ -f $vmlinux && -f $dir/System.map && -f $dir/config ]] ||
@@ -69,17 +69,24 @@ template = "off"
 EOF
   HUSK_CONFIG=$work/husk.toml "$husk" --root "$work/state" run --detach --bundle "$bundle" "$id" \
     </dev/null >/dev/null 2>"$work/run.log" || die "husk run failed: $(cat "$work/run.log")"
-  # The VMM runs jailed under the container's state folder; its vCPU thread is named vcpu0.
-  vmm=$(pgrep -f -- "$work/state/$id/jail" | head -1) || die "no VMM process found"
+  # The VMM runs jailed under the container's state folder (a supervisor and the VMM
+  # itself match); the vCPU thread is named vcpu0.
   vcpu=
-  for t in /proc/"$vmm"/task/*; do
-    [[ $(cat "$t/comm") == vcpu0 ]] && vcpu=${t##*/}
+  for pid in $(pgrep -f -- "$work/state/$id/jail"); do
+    for t in /proc/"$pid"/task/*; do
+      [[ $(cat "$t/comm" 2>/dev/null) == vcpu0 ]] && vcpu=${t##*/}
+    done
   done
-  [[ -n $vcpu ]] || die "VMM $vmm has no vcpu0 thread"
+  [[ -n $vcpu ]] || die "no vcpu0 thread in the VMM of $id"
   sleep 2 # the container's exec is done; from here only the loop and the tick run
   counts=$(perf stat -x, -e kvm:kvm_emulate_insn -e kvm:kvm_emulate_insn --filter "rip == 0x$entry" \
     -t "$vcpu" -- sleep "$secs" 2>&1 >/dev/null | grep kvm_emulate_insn | cut -d, -f1)
   read -r emulated interrupts <<<"$(echo $counts)"
+  # Printed late: the guest-image build's log (stderr) may still be arriving before that.
+  if [[ -z $header_done ]]; then
+    printf '%-44s %4s %12s %14s %14s\n' kernel HZ "interrupts/s" "emulated/s" "per interrupt"
+    header_done=1
+  fi
   "$husk" --root "$work/state" delete --force "$id" >/dev/null
   if ((emulated == 0)); then
     printf '%-44s %4s  no guest-kernel instruction was emulated: this host runs the guest kernel natively\n' \
