@@ -3,7 +3,8 @@
 # without touching the network.
 #
 #   scripts/install-deps.sh          build + test dependencies
-#   scripts/install-deps.sh --bench  also the peer baseline used by benchmarks (QEMU)
+#   scripts/install-deps.sh --bench  also the peer baseline used by benchmarks (QEMU) and perf
+#                                    (scripts/tick-cost.sh)
 set -euo pipefail
 
 packages=(
@@ -23,7 +24,7 @@ packages=(
   podman
 )
 if [[ "${1:-}" == "--bench" ]]; then
-  packages+=(qemu-system-x86)
+  packages+=(qemu-system-x86 linux-perf)
 fi
 
 missing=()

@@ -12,7 +12,7 @@
 # SECS defaults to 5; VMLINUX defaults to the guest image's kernel (guest-image/build.sh),
 # each with its System.map and config beside it (as the guest-image cache keeps them). Give
 # two kernels to compare tick rates (e.g. an older cache entry); they are measured in turn.
-# Needs root, /dev/kvm, perf (apt: linux-perf) and busybox-static.
+# Needs root, /dev/kvm, perf and busybox-static (scripts/install-deps.sh --bench).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,7 @@ die() {
 [[ $secs =~ ^[0-9]+$ && $secs -gt 0 ]] || die "SECS must be a positive number of seconds, not '$secs'"
 ((EUID == 0)) || die "needs root (husk runs VMs as root; perf reads KVM's tracepoints)"
 [[ -c /dev/kvm ]] || die "no /dev/kvm"
-command -v perf >/dev/null || die "perf not found (apt install linux-perf)"
+command -v perf >/dev/null || die "perf not found (scripts/install-deps.sh --bench installs linux-perf)"
 [[ -x /bin/busybox ]] || die "/bin/busybox not found (apt install busybox-static)"
 tracefs=/sys/kernel/tracing
 [[ -d $tracefs/events ]] || mount -t tracefs nodev "$tracefs" 2>/dev/null ||
